@@ -1,0 +1,176 @@
+#pragma once
+// The compute interface every backend implements: memory, and each op's forward and backward.
+//
+// Conventions, shared by all backends:
+// - Tensors are dense, row-major views of memory owned by a Buffer from the same backend.
+// - Sizes are passed explicitly where a tensor's shape alone would be ambiguous.
+// - A backward op overwrites the gradients of its inputs (dx, dq, ...) and accumulates (+=) into
+//   the gradients of parameters (dw, db, dtable), so gradient accumulation over micro-batches is
+//   free.
+// - Integer tensors (token ids, expert indices) are I32. Statistics kept for backward (rstd, lse,
+//   softmax maxima) are F32 whatever the compute dtype.
+// - Ops are asynchronous with respect to the host on devices that allow it; copy_to_host and
+//   synchronize are the points where the host waits.
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace fastllm {
+
+enum class DType : std::uint8_t { F32, BF16, I32 };
+std::size_t dtype_size(DType dtype);
+const char* dtype_name(DType dtype);
+
+struct Tensor {
+  void* data = nullptr;
+  DType dtype = DType::F32;
+  std::array<std::int64_t, 4> dims{};
+  int rank = 0;
+
+  Tensor() = default;
+  Tensor(void* data, DType dtype, std::initializer_list<std::int64_t> shape);
+
+  std::int64_t numel() const;
+  std::int64_t size(int axis) const { return dims[axis < 0 ? axis + rank : axis]; }
+  std::size_t bytes() const { return static_cast<std::size_t>(numel()) * dtype_size(dtype); }
+  // The rows [begin, begin + count) along the first axis.
+  Tensor rows(std::int64_t begin, std::int64_t count) const;
+  // The same memory seen with another shape of the same element count.
+  Tensor view(std::initializer_list<std::int64_t> shape) const;
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(data);
+  }
+};
+
+// Owns one allocation on a backend; freed by the backend that made it.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(void* data, std::size_t bytes, std::function<void(void*)> release)
+      : data_(data, std::move(release)), bytes_(bytes) {}
+  void* data() const { return data_.get(); }
+  std::size_t bytes() const { return bytes_; }
+  Tensor tensor(DType dtype, std::initializer_list<std::int64_t> shape) const;
+
+ private:
+  std::unique_ptr<void, std::function<void(void*)>> data_{nullptr, [](void*) {}};
+  std::size_t bytes_ = 0;
+};
+
+enum class Activation { SiLU, GeLU };
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  // The dtype activations and weights are computed in (F32 on the host, BF16 or F32 on CUDA).
+  virtual DType compute_dtype() const = 0;
+
+  // ---- memory ----
+  virtual Buffer allocate(std::size_t bytes) = 0;
+  virtual void copy_from_host(Tensor dst, const void* src) = 0;
+  virtual void copy_to_host(void* dst, Tensor src) = 0;
+  virtual void copy(Tensor dst, Tensor src) = 0;  // same shape; converts F32 <-> BF16
+  virtual void fill(Tensor t, float value) = 0;
+  virtual void synchronize() = 0;
+
+  // ---- elementwise and reductions ----
+  virtual void add(Tensor y, Tensor x, float alpha) = 0;  // y += alpha * x
+  virtual void scale(Tensor y, float alpha) = 0;          // y *= alpha
+  virtual double sum_squares(Tensor x) = 0;               // sum of x^2 in double, to the host
+
+  // ---- dense layers ----
+  // c[m,n] = alpha * op(a) op(b) + beta * c; op(a) is [m,k] (a stored [k,m] when trans_a),
+  // op(b) is [k,n] (b stored [n,k] when trans_b).
+  virtual void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                    float alpha, Tensor a, Tensor b, float beta, Tensor c) = 0;
+  virtual void add_bias(Tensor y, Tensor bias) = 0;         // y[r,n] += bias[n]
+  virtual void bias_backward(Tensor dy, Tensor dbias) = 0;  // dbias[n] += sum_r dy[r,n]
+
+  // ---- token embedding (vocab-parallel: this rank holds rows [vocab_offset, vocab_offset + V))
+  // ---- out[t] = table[ids[t] - vocab_offset], or 0 when the id is not in this rank's rows.
+  virtual void embedding_forward(Tensor ids, Tensor table, std::int64_t vocab_offset,
+                                 Tensor out) = 0;
+  virtual void embedding_backward(Tensor ids, Tensor dout, std::int64_t vocab_offset,
+                                  Tensor dtable) = 0;
+
+  // ---- normalisation over the last axis of x [rows, dim] ----
+  virtual void rmsnorm_forward(Tensor x, Tensor weight, float eps, Tensor y, Tensor rstd) = 0;
+  virtual void rmsnorm_backward(Tensor x, Tensor weight, Tensor rstd, Tensor dy, Tensor dx,
+                                Tensor dweight) = 0;
+  virtual void layernorm_forward(Tensor x, Tensor weight, Tensor bias, float eps, Tensor y,
+                                 Tensor mean, Tensor rstd) = 0;
+  virtual void layernorm_backward(Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor dy,
+                                  Tensor dx, Tensor dweight, Tensor dbias) = 0;
+
+  // ---- rotary embedding, half-split convention, in place on x [batch, seq, heads, head_dim] ----
+  // Position of x[b, s] is s. inverse = true rotates by the negative angle (the backward).
+  virtual void rope(Tensor x, double theta, bool inverse) = 0;
+
+  // ---- causal grouped-query attention ----
+  // q, out [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads, head_dim];
+  // lse [batch, heads, seq] (F32) keeps the log-sum-exp of each query row for backward.
+  // window > 0: query i sees keys j with i - window < j <= i; window = 0: all j <= i.
+  virtual void attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
+                                 Tensor lse) = 0;
+  virtual void attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout,
+                                  std::int64_t window, Tensor dq, Tensor dk, Tensor dv) = 0;
+
+  // ---- MLP activations ----
+  virtual void activation_forward(Activation kind, Tensor x, Tensor y) = 0;
+  virtual void activation_backward(Activation kind, Tensor x, Tensor dy, Tensor dx) = 0;
+  // y = act(gate) * up
+  virtual void gated_forward(Activation kind, Tensor gate, Tensor up, Tensor y) = 0;
+  virtual void gated_backward(Activation kind, Tensor gate, Tensor up, Tensor dy, Tensor dgate,
+                              Tensor dup) = 0;
+
+  // ---- cross-entropy over a (possibly vocab-parallel) slice of logits [rows, V_local] ----
+  // Per row: the slice's maximum, sum(exp(logit - that maximum)) and the target's logit (0 when
+  // the target is outside [vocab_offset, vocab_offset + V_local) or negative, i.e. ignored).
+  virtual void cross_entropy_stats(Tensor logits, Tensor targets, std::int64_t vocab_offset,
+                                   Tensor row_max, Tensor row_sumexp, Tensor target_logit) = 0;
+  // dlogits = (softmax(logits) - onehot(target)) * grad_scale with the global row_max and
+  // row_sumexp; rows with a negative target get 0. dlogits may be logits itself.
+  virtual void cross_entropy_backward(Tensor logits, Tensor targets, std::int64_t vocab_offset,
+                                      Tensor row_max, Tensor row_sumexp, float grad_scale,
+                                      Tensor dlogits) = 0;
+
+  // ---- mixture of experts ----
+  // probs = softmax(logits) [tokens, experts] in F32; topk_index/topk_weight [tokens, k]: the k
+  // most probable experts (ties to the lower index), weights renormalised to sum to 1.
+  virtual void router_forward(Tensor logits, int top_k, Tensor probs, Tensor topk_index,
+                              Tensor topk_weight) = 0;
+  // Gradient of the router logits from the gradient of the renormalised top-k weights and a
+  // per-expert gradient added to every token's probability (the load-balancing loss).
+  virtual void router_backward(Tensor probs, Tensor topk_index, Tensor dtopk_weight,
+                               Tensor dprob_per_expert, Tensor dlogits) = 0;
+  // counts[e] += tokens whose top-k holds e; prob_sums[e] += sum over tokens of probs[t,e].
+  virtual void router_statistics(Tensor probs, Tensor topk_index, Tensor counts,
+                                 Tensor prob_sums) = 0;
+  // Sorts the tokens x k slots by expert (stable by slot): sorted_slot[i] = t * k + j,
+  // sorted_token[i] = t. Returns the host offsets [experts + 1] of each expert's run.
+  virtual std::vector<std::int64_t> moe_permute(Tensor topk_index, int experts, Tensor sorted_token,
+                                                Tensor sorted_slot) = 0;
+  // dst[i] = src[index[i]] for rows of width src.size(-1).
+  virtual void gather_rows(Tensor src, Tensor index, Tensor dst) = 0;
+  // dst[index[i]] += weight[i] * src[i]; weight may be an empty tensor (all ones).
+  virtual void scatter_add_rows(Tensor src, Tensor index, Tensor weight, Tensor dst) = 0;
+  // y[i, :] *= weight[i]
+  virtual void scale_rows(Tensor y, Tensor weight) = 0;
+  // out[i] = dot(a[i], b[index[i]])
+  virtual void dot_rows_gathered(Tensor a, Tensor b, Tensor index, Tensor out) = 0;
+
+  // ---- optimizer ----
+  // PyTorch AdamW on F32 master weights at step t (from 1); gradients are multiplied by
+  // grad_scale first (clipping). weight_decay is applied as p *= 1 - lr * weight_decay.
+  virtual void adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr,
+                     float beta1, float beta2, float eps, float weight_decay, std::int64_t step,
+                     float grad_scale) = 0;
+};
+
+}  // namespace fastllm

@@ -1,0 +1,79 @@
+#pragma once
+// The reference backend: fp32 on the CPU, OpenMP loops, GEMMs through OpenBLAS. Each op's forward
+// and backward live side by side in one file of this folder (attention.cpp, rmsnorm.cpp, ...).
+#include <memory>
+
+#include "kernels/backend.h"
+
+namespace fastllm {
+
+class HostBackend final : public Backend {
+ public:
+  std::string name() const override { return "host"; }
+  DType compute_dtype() const override { return DType::F32; }
+
+  Buffer allocate(std::size_t bytes) override;
+  void copy_from_host(Tensor dst, const void* src) override;
+  void copy_to_host(void* dst, Tensor src) override;
+  void copy(Tensor dst, Tensor src) override;
+  void fill(Tensor t, float value) override;
+  void synchronize() override {}
+
+  void add(Tensor y, Tensor x, float alpha) override;
+  void scale(Tensor y, float alpha) override;
+  double sum_squares(Tensor x) override;
+
+  void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+            Tensor a, Tensor b, float beta, Tensor c) override;
+  void add_bias(Tensor y, Tensor bias) override;
+  void bias_backward(Tensor dy, Tensor dbias) override;
+
+  void embedding_forward(Tensor ids, Tensor table, std::int64_t vocab_offset, Tensor out) override;
+  void embedding_backward(Tensor ids, Tensor dout, std::int64_t vocab_offset,
+                          Tensor dtable) override;
+
+  void rmsnorm_forward(Tensor x, Tensor weight, float eps, Tensor y, Tensor rstd) override;
+  void rmsnorm_backward(Tensor x, Tensor weight, Tensor rstd, Tensor dy, Tensor dx,
+                        Tensor dweight) override;
+  void layernorm_forward(Tensor x, Tensor weight, Tensor bias, float eps, Tensor y, Tensor mean,
+                         Tensor rstd) override;
+  void layernorm_backward(Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor dy, Tensor dx,
+                          Tensor dweight, Tensor dbias) override;
+
+  void rope(Tensor x, double theta, bool inverse) override;
+
+  void attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
+                         Tensor lse) override;
+  void attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout,
+                          std::int64_t window, Tensor dq, Tensor dk, Tensor dv) override;
+
+  void activation_forward(Activation kind, Tensor x, Tensor y) override;
+  void activation_backward(Activation kind, Tensor x, Tensor dy, Tensor dx) override;
+  void gated_forward(Activation kind, Tensor gate, Tensor up, Tensor y) override;
+  void gated_backward(Activation kind, Tensor gate, Tensor up, Tensor dy, Tensor dgate,
+                      Tensor dup) override;
+
+  void cross_entropy_stats(Tensor logits, Tensor targets, std::int64_t vocab_offset, Tensor row_max,
+                           Tensor row_sumexp, Tensor target_logit) override;
+  void cross_entropy_backward(Tensor logits, Tensor targets, std::int64_t vocab_offset,
+                              Tensor row_max, Tensor row_sumexp, float grad_scale,
+                              Tensor dlogits) override;
+
+  void router_forward(Tensor logits, int top_k, Tensor probs, Tensor topk_index,
+                      Tensor topk_weight) override;
+  void router_backward(Tensor probs, Tensor topk_index, Tensor dtopk_weight,
+                       Tensor dprob_per_expert, Tensor dlogits) override;
+  void router_statistics(Tensor probs, Tensor topk_index, Tensor counts, Tensor prob_sums) override;
+  std::vector<std::int64_t> moe_permute(Tensor topk_index, int experts, Tensor sorted_token,
+                                        Tensor sorted_slot) override;
+  void gather_rows(Tensor src, Tensor index, Tensor dst) override;
+  void scatter_add_rows(Tensor src, Tensor index, Tensor weight, Tensor dst) override;
+  void scale_rows(Tensor y, Tensor weight) override;
+  void dot_rows_gathered(Tensor a, Tensor b, Tensor index, Tensor out) override;
+
+  void adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr, float beta1,
+             float beta2, float eps, float weight_decay, std::int64_t step,
+             float grad_scale) override;
+};
+
+}  // namespace fastllm

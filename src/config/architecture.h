@@ -1,0 +1,80 @@
+#pragma once
+// The model description every part of fastllm builds from, resolved from flags, a config file,
+// a Hugging Face checkpoint and defaults, with the source of every value kept for `inspect`.
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "config/flags.h"
+#include "kernels/backend.h"
+
+namespace fastllm {
+
+enum class NormType { RMSNorm, LayerNorm };
+
+struct Architecture {
+  std::int64_t num_layers = 0;
+  std::int64_t hidden_size = 0;
+  std::int64_t vocab_size = 0;
+  std::int64_t num_attention_heads = 0;
+  std::int64_t head_groups = 0;
+  std::int64_t kv_channels = 0;
+  std::int64_t ffn_hidden_size = 0;
+  bool add_linear_biases = false;
+  bool gated = true;
+  Activation activation = Activation::SiLU;
+  NormType normalization = NormType::RMSNorm;
+  double norm_epsilon = 1e-5;
+  double rotary_embedding_scale = 0;  // -ln(theta)
+  bool tie_word_embeddings = false;
+  std::int64_t num_experts = 1;
+  std::int64_t num_experts_per_token = 1;
+
+  double rope_theta() const;
+  bool is_moe() const { return num_experts > 1; }
+  std::int64_t q_size() const { return num_attention_heads * kv_channels; }
+  std::int64_t kv_size() const { return head_groups * kv_channels; }
+};
+
+// Settings that change how the model is run but not its weights.
+struct RunSettings {
+  std::int64_t window_size = 0;  // 0 = full causal attention
+  double moe_aux_loss_coeff = 0;
+  std::int64_t max_sequence_length = 0;  // 0 = unlimited
+};
+
+struct ResolvedValue {
+  std::string value;
+  Source source;
+};
+
+struct ModelConfig {
+  Architecture arch;
+  RunSettings run;
+  std::string checkpoint_path;  // empty when the model is described by flags only
+  bool load_weights = false;
+  // flag name -> resolved value and its source, in flag order, for `inspect` and saved configs.
+  std::vector<std::pair<std::string, ResolvedValue>> resolved;
+};
+
+// Resolves the model flags of `options` (FlagGroup::Model) against the Hugging Face checkpoint
+// they name, if any. Throws UserError for contradictions and invalid combinations.
+ModelConfig resolve_model(const Options& options);
+
+struct ParameterCount {
+  std::int64_t embedding = 0;
+  std::int64_t lm_head = 0;  // 0 when tied
+  std::int64_t per_layer = 0;
+  std::int64_t final_norm = 0;
+  std::int64_t total = 0;
+};
+ParameterCount count_parameters(const Architecture& arch);
+
+// Matmul FLOPs of one token through the model (forward + backward = 6 x weights used + attention),
+// DESIGN.md section 7.
+double model_flops_per_token(const Architecture& arch, std::int64_t sequence_length,
+                             std::int64_t window_size);
+
+}  // namespace fastllm

@@ -1,0 +1,366 @@
+#include "config/flags.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <filesystem>
+#include <sstream>
+
+#include "io/error.h"
+
+namespace fastllm {
+
+const char* source_name(Source source) {
+  switch (source) {
+    case Source::Default:
+      return "default";
+    case Source::Checkpoint:
+      return "checkpoint";
+    case Source::ConfigFile:
+      return "config file";
+    case Source::Flag:
+      return "flag";
+  }
+  return "?";
+}
+
+namespace {
+
+using T = FlagType;
+
+const std::vector<FlagSpec> kCommon = {
+    {"config", T::String, "", "YAML file whose keys are flag names; flags on the command line win"},
+    {"help", T::Bool, "0", "print this command's flags and exit"},
+};
+
+const std::vector<FlagSpec> kModel = {
+    {"pretrained_checkpoint_type",
+     T::Choice,
+     "huggingface",
+     "format of --pretrained_checkpoint_path",
+     {"huggingface"}},
+    {"pretrained_checkpoint_path", T::String, "",
+     "Hugging Face folder (config.json + *.safetensors) the architecture and weights come from"},
+    {"load_pretrained_weights", T::Bool, "1",
+     "1: load the checkpoint's weights (architecture flags must agree with it); 0: take only its "
+     "config as defaults, flags override, weights start random"},
+    {"num_layers", T::Int, "12", "decoder layers (HF num_hidden_layers)"},
+    {"hidden_size", T::Int, "1024", "model width (HF hidden_size)"},
+    {"vocab_size", T::Int, "32000", "vocabulary size (HF vocab_size)"},
+    {"num_attention_heads", T::Int, "16", "query heads (HF num_attention_heads)"},
+    {"head_groups", T::Int, "0",
+     "key/value heads for grouped-query attention (HF num_key_value_heads); 0 = one per head"},
+    {"kv_channels", T::Int, "0", "per-head width (HF head_dim); 0 = hidden_size / heads"},
+    {"ffn_hidden_size", T::Int, "0",
+     "MLP width, per expert for MoE (HF intermediate_size); 0 = 4 x hidden_size"},
+    {"add_linear_biases", T::Bool, "0", "biases on every linear layer (Mistral: 0)"},
+    {"use_rotary_embeddings", T::Bool, "1", "rotary position embeddings (the only kind supported)"},
+    {"rotary_embedding_scale", T::Float, "-9.210340371976184",
+     "-ln(rope theta); -9.2103... is theta 10000 (HF rope_theta)"},
+    {"gated", T::Bool, "1", "gated MLP: act(gate) * up (Mistral: 1)"},
+    {"activation_type", T::Choice, "silu", "MLP activation (HF hidden_act)", {"silu", "gelu"}},
+    {"normalization_type",
+     T::Choice,
+     "rms_norm",
+     "normalisation layer",
+     {"rms_norm", "layer_norm"}},
+    {"norm_epsilon", T::Float, "1e-5", "normalisation epsilon (HF rms_norm_eps)"},
+    {"tie_word_embeddings", T::Bool, "0", "LM head shares the embedding matrix"},
+    {"num_experts", T::Int, "1", "experts per MoE layer (HF num_local_experts); 1 = dense MLP"},
+    {"num_experts_per_token", T::Int, "2",
+     "experts each token is routed to (HF num_experts_per_tok)"},
+    {"window_size", T::Int, "0",
+     "sliding attention window in tokens (HF sliding_window); 0 = full causal attention"},
+    {"moe_aux_loss_coeff", T::Float, "0.01",
+     "weight of the MoE load-balancing loss (HF router_aux_loss_coef)"},
+    {"max_sequence_length", T::Int, "0",
+     "longest sequence the model accepts (HF max_position_embeddings); 0 = unlimited"},
+};
+
+const std::vector<FlagSpec> kLayout = {
+    {"tensor_parallel", T::Int, "1", "ranks each layer is split over (Megatron tensor parallel)"},
+    {"pipeline_parallel", T::Int, "1", "pipeline stages of contiguous layers"},
+    {"zero_stage", T::Choice, "0", "1 shards AdamW state over the data-parallel group", {"0", "1"}},
+};
+
+const std::vector<FlagSpec> kInspect = {
+    {"data_parallel", T::Int, "1", "data-parallel replicas (world = data x tensor x pipeline)"},
+    {"format", T::Choice, "text", "output format", {"text", "json"}},
+};
+
+const std::vector<FlagSpec> kProbe = {
+    {"input", T::String, "", "safetensors file with input_ids (int64 [batch, seq])"},
+    {"output", T::String, "", "safetensors file to write logits, loss and gradients to"},
+};
+
+bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.rfind(prefix, 0) == 0;
+}
+
+std::string type_name(const FlagSpec& spec) {
+  switch (spec.type) {
+    case T::Int:
+      return "integer";
+    case T::Float:
+      return "number";
+    case T::Bool:
+      return "0|1";
+    case T::String:
+      return "text";
+    case T::List:
+      return "list";
+    case T::Choice: {
+      std::string s;
+      for (const auto& c : spec.choices)
+        s += (s.empty() ? "" : "|") + c;
+      return s;
+    }
+  }
+  return "?";
+}
+
+}  // namespace
+
+const std::vector<FlagSpec>& flags_of(FlagGroup group) {
+  switch (group) {
+    case FlagGroup::Common:
+      return kCommon;
+    case FlagGroup::Model:
+      return kModel;
+    case FlagGroup::Layout:
+      return kLayout;
+    case FlagGroup::Inspect:
+      return kInspect;
+    case FlagGroup::Probe:
+      return kProbe;
+  }
+  throw std::logic_error("unknown flag group");
+}
+
+Options::Options(std::string command, std::vector<FlagGroup> groups)
+    : command_(std::move(command)), groups_(std::move(groups)) {
+  groups_.insert(groups_.begin(), FlagGroup::Common);
+  for (FlagGroup g : groups_) {
+    for (const FlagSpec& spec : flags_of(g)) {
+      if (specs_.emplace(spec.name, spec).second) order_.push_back(spec.name);
+    }
+  }
+}
+
+std::int64_t Options::parse_int(const std::string& flag, const std::string& text) {
+  std::int64_t v = 0;
+  auto [ptr, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (ec != std::errc() || ptr != text.data() + text.size() || text.empty())
+    throw UserError("--" + flag + "=" + text + ": expected an integer");
+  return v;
+}
+
+double Options::parse_float(const std::string& flag, const std::string& text) {
+  std::istringstream in(text);
+  double v = 0;
+  in >> v;
+  if (text.empty() || in.fail() || !in.eof() || !std::isfinite(v))
+    throw UserError("--" + flag + "=" + text + ": expected a number");
+  return v;
+}
+
+bool Options::parse_bool(const std::string& flag, const std::string& text) {
+  if (text == "1" || text == "true" || text == "True") return true;
+  if (text == "0" || text == "false" || text == "False") return false;
+  throw UserError("--" + flag + "=" + text + ": expected 0 or 1");
+}
+
+void Options::set(const std::string& name, std::vector<std::string> items, Source source) {
+  auto it = specs_.find(name);
+  if (it == specs_.end()) {
+    std::string where =
+        source == Source::ConfigFile ? "config file key '" + name + "'" : "--" + name;
+    throw UserError("unknown flag " + where + " for 'fastllm " + command_ + "'; see 'fastllm " +
+                    command_ + " --help'");
+  }
+  const FlagSpec& spec = it->second;
+  if (spec.type != T::List && items.size() != 1)
+    throw UserError("--" + name + " takes one value, got " + std::to_string(items.size()));
+  if (spec.type == T::List && items.empty())
+    throw UserError("--" + name + " needs at least one value");
+  for (const std::string& item : items) {
+    switch (spec.type) {
+      case T::Int:
+        parse_int(name, item);
+        break;
+      case T::Float:
+        parse_float(name, item);
+        break;
+      case T::Bool:
+        parse_bool(name, item);
+        break;
+      case T::Choice:
+        if (std::find(spec.choices.begin(), spec.choices.end(), item) == spec.choices.end())
+          throw UserError("--" + name + "=" + item + ": expected one of " + type_name(spec));
+        break;
+      case T::String:
+      case T::List:
+        break;
+    }
+  }
+  if (name == "help") {
+    help_ = parse_bool(name, items[0]);
+    return;
+  }
+  values_[name] = Value{std::move(items), source};
+}
+
+void Options::parse(const std::vector<std::string>& args) {
+  std::vector<std::pair<std::string, std::vector<std::string>>> given;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string& arg = args[i];
+    if (!starts_with(arg, "--") || arg.size() == 2)
+      throw UserError("unexpected argument '" + arg + "' for 'fastllm " + command_ +
+                      "': flags are written --name=value or --name value");
+    std::string name = arg.substr(2);
+    std::vector<std::string> items;
+    auto eq = name.find('=');
+    if (eq != std::string::npos) {
+      items.push_back(name.substr(eq + 1));
+      name = name.substr(0, eq);
+    }
+    auto it = specs_.find(name);
+    bool is_list = it != specs_.end() && it->second.type == T::List;
+    bool is_bool = it != specs_.end() && it->second.type == T::Bool;
+    if (eq == std::string::npos) {
+      // Lists take every following word up to the next flag; a bare boolean means 1.
+      while (i + 1 < args.size() && !starts_with(args[i + 1], "--")) {
+        items.push_back(args[++i]);
+        if (!is_list) break;
+      }
+      if (items.empty() && is_bool) items.push_back("1");
+      if (items.empty() && it != specs_.end())
+        throw UserError("--" + name + " needs a value (" + type_name(it->second) + ")");
+    }
+    given.emplace_back(name, std::move(items));
+  }
+  // The config file is read first so that flags win whatever their position.
+  for (const auto& [name, items] : given) {
+    if (name == "config") set(name, items, Source::Flag);
+  }
+  if (auto* config = find("config")) load_config_file(config->items[0]);
+  for (auto& [name, items] : given) {
+    if (name != "config") set(name, items, Source::Flag);
+  }
+}
+
+void Options::load_config_file(const std::string& path) {
+  if (!std::filesystem::exists(path)) throw UserError("--config " + path + ": file not found");
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(path);
+  } catch (const YAML::Exception& e) {
+    throw UserError("--config " + path + ": not valid YAML: " + e.what());
+  }
+  if (root.IsNull()) return;
+  if (!root.IsMap()) throw UserError("--config " + path + ": expected a mapping of flag: value");
+  for (const auto& entry : root) {
+    const std::string key = entry.first.as<std::string>();
+    std::vector<std::string> items;
+    if (entry.second.IsSequence()) {
+      for (const auto& item : entry.second)
+        items.push_back(item.as<std::string>());
+    } else if (entry.second.IsScalar()) {
+      items.push_back(entry.second.as<std::string>());
+    } else {
+      throw UserError("--config " + path + ": key '" + key + "' must be a value or a list");
+    }
+    if (key == "config")
+      throw UserError("--config " + path + ": a config file cannot name another");
+    set(key, std::move(items), Source::ConfigFile);
+  }
+}
+
+const Value* Options::find(const std::string& name) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? nullptr : &it->second;
+}
+
+const FlagSpec& Options::spec(const std::string& name) const {
+  auto it = specs_.find(name);
+  if (it == specs_.end())
+    throw std::logic_error("flag --" + name + " not declared for " + command_);
+  return it->second;
+}
+
+bool Options::has_spec(const std::string& name) const {
+  return specs_.count(name) > 0;
+}
+
+bool Options::is_explicit(const std::string& name) const {
+  return find(name) != nullptr;
+}
+
+bool Options::is_set(const std::string& name) const {
+  return find(name) != nullptr || !spec(name).default_value.empty();
+}
+
+Source Options::source(const std::string& name) const {
+  const Value* v = find(name);
+  return v ? v->source : Source::Default;
+}
+
+std::vector<std::string> Options::get_list(const std::string& name) const {
+  if (const Value* v = find(name)) return v->items;
+  const std::string& d = spec(name).default_value;
+  if (d.empty()) return {};
+  std::vector<std::string> items;
+  std::istringstream in(d);
+  for (std::string word; in >> word;)
+    items.push_back(word);
+  return items;
+}
+
+std::string Options::get_string(const std::string& name) const {
+  if (const Value* v = find(name)) return v->items[0];
+  return spec(name).default_value;
+}
+
+std::int64_t Options::get_int(const std::string& name) const {
+  return parse_int(name, get_string(name));
+}
+
+double Options::get_float(const std::string& name) const {
+  return parse_float(name, get_string(name));
+}
+
+bool Options::get_bool(const std::string& name) const {
+  return parse_bool(name, get_string(name));
+}
+
+std::map<std::string, Value> Options::all() const {
+  std::map<std::string, Value> out;
+  for (const auto& name : order_) {
+    if (name == "help") continue;
+    if (const Value* v = find(name)) {
+      out[name] = *v;
+    } else if (!spec(name).default_value.empty()) {
+      out[name] = Value{get_list(name), Source::Default};
+    }
+  }
+  return out;
+}
+
+std::string Options::help_text() const {
+  std::ostringstream out;
+  out << "usage: fastllm " << command_
+      << " [--flag=value | --flag value ...] [--config run.yaml]\n\n";
+  for (const auto& name : order_) {
+    const FlagSpec& spec = specs_.at(name);
+    std::string head = "  --" + name + " (" + type_name(spec) + ")";
+    out << head;
+    out << std::string(head.size() < 44 ? 44 - head.size() : 1, ' ') << spec.help;
+    if (!spec.default_value.empty()) out << " [default: " << spec.default_value << "]";
+    out << "\n";
+  }
+  return out.str();
+}
+
+}  // namespace fastllm

@@ -1,0 +1,58 @@
+#include <cstdio>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "io/error.h"
+
+namespace {
+
+struct Command {
+  const char* name;
+  int (*run)(const fastllm::Args&);
+  const char* summary;
+};
+
+const Command kCommands[] = {
+    {"inspect", fastllm::run_inspect,
+     "print the resolved architecture, parameter count and per-rank memory of a layout"},
+};
+
+void usage(std::FILE* out) {
+  std::fprintf(out,
+               "usage: fastllm <command> [--flag=value ...] [--config run.yaml]\n\ncommands:\n");
+  for (const Command& c : kCommands)
+    std::fprintf(out, "  %-10s %s\n", c.name, c.summary);
+  std::fprintf(out, "\n'fastllm <command> --help' lists the command's flags.\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    usage(stderr);
+    return 2;
+  }
+  const std::string name = argv[1];
+  if (name == "--help" || name == "-h" || name == "help") {
+    usage(stdout);
+    return 0;
+  }
+  const std::vector<std::string> args(argv + 2, argv + argc);
+  for (const Command& c : kCommands) {
+    if (name != c.name) continue;
+    try {
+      return c.run(args);
+    } catch (const fastllm::UserError& e) {
+      std::fprintf(stderr, "fastllm %s: error: %s\n", c.name, e.what());
+      return 2;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "fastllm %s: internal error: %s\n", c.name, e.what());
+      return 1;
+    }
+  }
+  std::fprintf(stderr, "fastllm: unknown command '%s'\n", name.c_str());
+  usage(stderr);
+  return 2;
+}

@@ -1,0 +1,95 @@
+#pragma once
+// Every kernel test body runs against every backend this build has; a backend whose device is
+// absent (CUDA without a GPU) is skipped with a message.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "kernels/host/host_backend.h"
+
+namespace fastllm::test {
+
+inline std::vector<std::string> backend_names() {
+  return {"host"};
+}
+
+inline std::shared_ptr<Backend> make_backend(const std::string& name) {
+  if (name == "host") return std::make_shared<HostBackend>();
+  return nullptr;
+}
+
+class BackendTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    backend_ = make_backend(GetParam());
+    if (!backend_) GTEST_SKIP() << "backend " << GetParam() << " has no device here";
+  }
+  Backend& be() { return *backend_; }
+
+  // A device tensor holding the given host values.
+  Tensor upload(const std::vector<float>& values, std::initializer_list<std::int64_t> shape) {
+    buffers_.push_back(backend_->allocate(values.size() * sizeof(float) + 1));
+    Tensor t = buffers_.back().tensor(DType::F32, shape);
+    backend_->copy_from_host(t, values.data());
+    return t;
+  }
+  Tensor upload_ints(const std::vector<std::int32_t>& values,
+                     std::initializer_list<std::int64_t> shape) {
+    buffers_.push_back(backend_->allocate(values.size() * sizeof(std::int32_t) + 1));
+    Tensor t = buffers_.back().tensor(DType::I32, shape);
+    backend_->copy_from_host(t, values.data());
+    return t;
+  }
+  Tensor zeros(std::initializer_list<std::int64_t> shape, DType dtype = DType::F32) {
+    std::int64_t n = 1;
+    for (auto d : shape)
+      n *= d;
+    buffers_.push_back(backend_->allocate(static_cast<std::size_t>(n) * dtype_size(dtype) + 1));
+    Tensor t = buffers_.back().tensor(dtype, shape);
+    backend_->fill(t, 0.0f);
+    return t;
+  }
+  std::vector<float> download(Tensor t) {
+    std::vector<float> out(static_cast<std::size_t>(t.numel()));
+    backend_->copy_to_host(out.data(), t);
+    return out;
+  }
+  std::vector<std::int32_t> download_ints(Tensor t) {
+    std::vector<std::int32_t> out(static_cast<std::size_t>(t.numel()));
+    backend_->copy_to_host(out.data(), t);
+    return out;
+  }
+
+ private:
+  std::shared_ptr<Backend> backend_;
+  std::vector<Buffer> buffers_;
+};
+
+inline std::vector<float> random_vector(std::size_t n, unsigned seed, float scale = 1.0f) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v)
+    x = dist(gen);
+  return v;
+}
+
+// ||a - b|| / ||b||
+inline double relative_error(const std::vector<float>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < b.size(); ++i) {
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
+}
+
+#define FASTLLM_INSTANTIATE_BACKENDS(suite) \
+  INSTANTIATE_TEST_SUITE_P(Backends, suite, ::testing::ValuesIn(::fastllm::test::backend_names()))
+
+}  // namespace fastllm::test
