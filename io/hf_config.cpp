@@ -76,18 +76,18 @@ class ConfigReader {
 double rope_theta(const ConfigReader& c) {
   // transformers 5 nests the rope settings in rope_parameters; older configs use rope_theta and
   // rope_scaling at the top level.
+  if (c.has("rope_scaling")) {
+    const json& s = c.root()["rope_scaling"];
+    const json type =
+        s.is_object() ? s.value("rope_type", s.value("type", json("default"))) : json();
+    if (type != "default") c.unsupported("rope_scaling", "rope scaling is not implemented");
+  }
   if (c.has("rope_parameters")) {
     const json& p = c.root()["rope_parameters"];
     if (!p.is_object()) c.unsupported("rope_parameters", "expected an object");
     if (p.contains("rope_type") && p["rope_type"] != "default")
       c.unsupported("rope_parameters", "only rope_type 'default' is implemented (no rope scaling)");
     if (p.contains("rope_theta")) return c.number("rope_parameters.rope_theta", p["rope_theta"]);
-  }
-  if (c.has("rope_scaling")) {
-    const json& s = c.root()["rope_scaling"];
-    const json type =
-        s.is_object() ? s.value("rope_type", s.value("type", json("default"))) : json();
-    if (type != "default") c.unsupported("rope_scaling", "rope scaling is not implemented");
   }
   if (c.has("rope_theta")) return c.number("rope_theta", c.root()["rope_theta"]);
   return 10000.0;  // transformers' default for these model types

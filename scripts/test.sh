@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what is missing, configures, builds and runs every test.
+#   scripts/test.sh              the default suite (fast, complete)
+#   FASTLLM_TEST_LABELS=slow scripts/test.sh    adds the tests labelled slow
+#   FASTLLM_SANITIZE=1 scripts/test.sh          an ASan/UBSan build of the host tests (build-asan/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+jobs=$(nproc)
+build=build
+extra=()
+if [ "${FASTLLM_SANITIZE:-0}" = 1 ]; then
+  build=build-asan
+  extra=(-DFASTLLM_SANITIZE=ON -DFASTLLM_CUDA=OFF -DFASTLLM_BENCHMARKS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo)
+fi
+cmake -S . -B "$build" -G Ninja "${extra[@]}" >/dev/null
+cmake --build "$build" -j "$jobs"
+
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+label_args=(-LE slow)
+if [ -n "${FASTLLM_TEST_LABELS:-}" ]; then label_args=(); fi
+ctest --test-dir "$build" --output-on-failure -j "$jobs" "${label_args[@]}"
