@@ -7,6 +7,7 @@
 // - A backward op overwrites the gradients of its inputs (dx, dq, ...) and accumulates (+=) into
 //   the gradients of parameters (dw, db, dtable), so gradient accumulation over micro-batches is
 //   free.
+// - Elementwise ops (activations, gated, add, scale) may write their outputs over their inputs.
 // - Integer tensors (token ids, expert indices) are I32. Statistics kept for backward (rstd, lse,
 //   softmax maxima) are F32 whatever the compute dtype.
 // - Ops are asynchronous with respect to the host on devices that allow it; copy_to_host and

@@ -17,6 +17,12 @@ struct Command {
 const Command kCommands[] = {
     {"inspect", fastllm::run_inspect,
      "print the resolved architecture, parameter count and per-rank memory of a layout"},
+    {"probe", fastllm::run_probe,
+     "one forward and backward pass on given tokens: logits, loss and every gradient"},
+    {"train", fastllm::run_train, "train a model (from scratch, a Hugging Face folder or a checkpoint)"},
+    {"convert", fastllm::run_convert,
+     "Hugging Face folder -> HDF5 checkpoint (the one-time resharding)"},
+    {"export", fastllm::run_export, "HDF5 checkpoint -> Hugging Face folder"},
 };
 
 void usage(std::FILE* out) {

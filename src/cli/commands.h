@@ -9,5 +9,9 @@ namespace fastllm {
 using Args = std::vector<std::string>;
 
 int run_inspect(const Args& args);
+int run_probe(const Args& args);
+int run_convert(const Args& args);
+int run_export(const Args& args);
+int run_train(const Args& args);
 
 }  // namespace fastllm

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <nlohmann/json.hpp>
 
 #include "io/error.h"
 #include "io/hf_config.h"
@@ -195,6 +196,69 @@ double model_flops_per_token(const Architecture& a, std::int64_t seq, std::int64
                              : s / 2.0;
   return 6.0 * matmul_weights +
          6.0 * a.num_layers * a.num_attention_heads * a.kv_channels * context;
+}
+
+namespace {
+
+nlohmann::ordered_json to_json(const Architecture& a) {
+  return {{"num_layers", a.num_layers},
+          {"hidden_size", a.hidden_size},
+          {"vocab_size", a.vocab_size},
+          {"num_attention_heads", a.num_attention_heads},
+          {"head_groups", a.head_groups},
+          {"kv_channels", a.kv_channels},
+          {"ffn_hidden_size", a.ffn_hidden_size},
+          {"add_linear_biases", a.add_linear_biases},
+          {"gated", a.gated},
+          {"activation_type", a.activation == Activation::GeLU ? "gelu" : "silu"},
+          {"normalization_type", a.normalization == NormType::LayerNorm ? "layer_norm" : "rms_norm"},
+          {"norm_epsilon", a.norm_epsilon},
+          {"rotary_embedding_scale", a.rotary_embedding_scale},
+          {"tie_word_embeddings", a.tie_word_embeddings},
+          {"num_experts", a.num_experts},
+          {"num_experts_per_token", a.num_experts_per_token}};
+}
+
+}  // namespace
+
+std::string architecture_to_json(const Architecture& a) { return to_json(a).dump(); }
+
+Architecture architecture_from_json(const std::string& text, const std::string& where) {
+  try {
+    const auto j = nlohmann::json::parse(text);
+    Architecture a;
+    a.num_layers = j.at("num_layers");
+    a.hidden_size = j.at("hidden_size");
+    a.vocab_size = j.at("vocab_size");
+    a.num_attention_heads = j.at("num_attention_heads");
+    a.head_groups = j.at("head_groups");
+    a.kv_channels = j.at("kv_channels");
+    a.ffn_hidden_size = j.at("ffn_hidden_size");
+    a.add_linear_biases = j.at("add_linear_biases");
+    a.gated = j.at("gated");
+    a.activation = j.at("activation_type") == "gelu" ? Activation::GeLU : Activation::SiLU;
+    a.normalization =
+        j.at("normalization_type") == "layer_norm" ? NormType::LayerNorm : NormType::RMSNorm;
+    a.norm_epsilon = j.at("norm_epsilon");
+    a.rotary_embedding_scale = j.at("rotary_embedding_scale");
+    a.tie_word_embeddings = j.at("tie_word_embeddings");
+    a.num_experts = j.at("num_experts");
+    a.num_experts_per_token = j.at("num_experts_per_token");
+    return a;
+  } catch (const nlohmann::json::exception& e) {
+    throw UserError(where + ": malformed architecture record: " + e.what());
+  }
+}
+
+std::string architecture_difference(const Architecture& a, const Architecture& b) {
+  const auto ja = to_json(a), jb = to_json(b);
+  std::string out;
+  for (auto it = ja.begin(); it != ja.end(); ++it) {
+    if (jb.at(it.key()) != it.value())
+      out += (out.empty() ? "" : ", ") + it.key() + " " + it.value().dump() + " vs " +
+             jb.at(it.key()).dump();
+  }
+  return out;
 }
 
 }  // namespace fastllm

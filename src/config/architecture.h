@@ -36,7 +36,15 @@ struct Architecture {
   bool is_moe() const { return num_experts > 1; }
   std::int64_t q_size() const { return num_attention_heads * kv_channels; }
   std::int64_t kv_size() const { return head_groups * kv_channels; }
+  bool operator==(const Architecture&) const = default;
 };
+
+// A JSON object of flag name -> value, as saved in checkpoints; from_json throws UserError naming
+// `where` for a missing or malformed field.
+std::string architecture_to_json(const Architecture& arch);
+Architecture architecture_from_json(const std::string& json, const std::string& where);
+// "num_layers 2 vs 3, ..." for the fields that differ.
+std::string architecture_difference(const Architecture& a, const Architecture& b);
 
 // Settings that change how the model is run but not its weights.
 struct RunSettings {

@@ -93,6 +93,64 @@ const std::vector<FlagSpec> kInspect = {
 const std::vector<FlagSpec> kProbe = {
     {"input", T::String, "", "safetensors file with input_ids (int64 [batch, seq])"},
     {"output", T::String, "", "safetensors file to write logits, loss and gradients to"},
+    {"seed", T::Int, "1234", "seed of the initial weights when none are loaded"},
+};
+
+const FlagSpec kSave{"save", T::String, "",
+                    "experiment folder checkpoints are written to (checkpoint-<iteration>.h5)"};
+const FlagSpec kLoad{"load", T::String, "",
+                    "folder to resume from: its newest complete checkpoint is read"};
+
+const std::vector<FlagSpec> kConvert = {kSave};
+
+const std::vector<FlagSpec> kExport = {
+    kLoad,
+    {"output", T::String, "", "Hugging Face folder to write (config.json + *.safetensors)"},
+    {"dtype", T::Choice, "bf16", "dtype of the exported weights", {"bf16", "fp32"}},
+    {"max_shard_size", T::String, "5GB",
+     "largest safetensors file; bigger models are sharded with model.safetensors.index.json"},
+};
+
+const std::vector<FlagSpec> kTrain = {
+    {"train_iters", T::Int, "", "iterations (optimizer steps) to train for"},
+    {"batch_size", T::Int, "", "global batch in samples, over all data-parallel ranks"},
+    {"micro_batch_size", T::Int, "1", "samples per forward/backward; the rest is accumulation"},
+    {"sequence_length", T::Int, "", "tokens per sample"},
+    {"lr", T::Float, "3e-4", "peak learning rate"},
+    {"min_lr", T::Float, "0", "learning rate at the end of decay"},
+    {"lr_warmup_iters", T::Int, "0", "linear warmup iterations"},
+    {"lr_decay_style", T::Choice, "constant", "decay after warmup", {"constant", "linear", "cosine"}},
+    {"lr_decay_iters", T::Int, "0", "iteration at which min_lr is reached; 0 = --train_iters"},
+    {"weight_decay", T::Float, "0.01", "AdamW decoupled weight decay (2-D and larger parameters)"},
+    {"adam_beta1", T::Float, "0.9", "AdamW beta1"},
+    {"adam_beta2", T::Float, "0.999", "AdamW beta2"},
+    {"adam_eps", T::Float, "1e-8", "AdamW epsilon"},
+    {"clip_grad", T::Float, "1.0", "clip the global gradient L2 norm to this; 0 = no clipping"},
+    {"seed", T::Int, "1234", "seed of the initial weights and of the data shuffle"},
+    {"init_std", T::Float, "0.02", "standard deviation of initial weights (from scratch)"},
+    {"log_interval", T::Int, "10", "iterations between progress lines and metrics records"},
+    {"eval_interval", T::Int, "0", "iterations between validation losses; 0 = none"},
+    {"eval_iters", T::Int, "10", "batches of the validation split per evaluation"},
+    {"peak_tflops", T::Float, "0",
+     "peak TFLOP/s of one device for MFU; 0 = the backend's (989 on H100/H200, none on the host)"},
+};
+
+const std::vector<FlagSpec> kData = {
+    {"data_path", T::List, "",
+     "indexed datasets (PREFIX of PREFIX.bin/.idx), optionally weighted: 0.7 A 0.3 B"},
+    {"split", T::String, "969,30,1", "train,validation,test proportions of each dataset"},
+    {"data_sampling", T::Choice, "packed",
+     "packed: documents concatenated and cut into samples; document: one document per sample, "
+     "padded",
+     {"packed", "document"}},
+    {"data_shuffle", T::Bool, "1", "seeded shuffle of documents and samples; 0 keeps file order"},
+};
+
+const std::vector<FlagSpec> kCheckpoint = {
+    kSave,
+    kLoad,
+    {"save_interval", T::Int, "0", "iterations between checkpoints (0: only at the end)"},
+    {"keep_checkpoints", T::Int, "3", "newest checkpoints kept in --save; 0 keeps all"},
 };
 
 bool starts_with(const std::string& s, const std::string& prefix) {
@@ -135,6 +193,16 @@ const std::vector<FlagSpec>& flags_of(FlagGroup group) {
       return kInspect;
     case FlagGroup::Probe:
       return kProbe;
+    case FlagGroup::Convert:
+      return kConvert;
+    case FlagGroup::Export:
+      return kExport;
+    case FlagGroup::Train:
+      return kTrain;
+    case FlagGroup::Data:
+      return kData;
+    case FlagGroup::Checkpoint:
+      return kCheckpoint;
   }
   throw std::logic_error("unknown flag group");
 }

@@ -24,7 +24,18 @@ struct FlagSpec {
 };
 
 // Groups of flags; a command accepts the union of the groups it names.
-enum class FlagGroup { Common, Model, Layout, Inspect, Probe };
+enum class FlagGroup {
+  Common,
+  Model,
+  Layout,
+  Inspect,
+  Probe,
+  Convert,
+  Export,
+  Train,
+  Data,
+  Checkpoint
+};
 const std::vector<FlagSpec>& flags_of(FlagGroup group);
 
 struct Value {

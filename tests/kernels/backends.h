@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -87,6 +88,28 @@ inline double relative_error(const std::vector<float>& a, const std::vector<doub
     den += b[i] * b[i];
   }
   return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
+}
+
+inline std::vector<double> to_double(const std::vector<float>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+// The gradient of a scalar function by central differences in double precision:
+// (f(x + h e_i) - f(x - h e_i)) / 2h for every i. f may read x but must leave it unchanged.
+inline std::vector<double> central_difference(
+    const std::function<double(const std::vector<double>&)>& f, std::vector<double> x,
+    double h = 1e-6) {
+  std::vector<double> grad(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const double saved = x[i];
+    x[i] = saved + h;
+    const double up = f(x);
+    x[i] = saved - h;
+    const double down = f(x);
+    x[i] = saved;
+    grad[i] = (up - down) / (2 * h);
+  }
+  return grad;
 }
 
 #define FASTLLM_INSTANTIATE_BACKENDS(suite) \
