@@ -21,7 +21,7 @@
 namespace fastllm {
 namespace {
 
-constexpr std::int64_t kTileRows = 256;  // packed query rows per tile (positions x group)
+constexpr std::int64_t kTileRows = 128;  // packed query rows per tile (positions x group)
 constexpr std::int64_t kKeyBlock = 128;  // keys per block of the score matrix
 
 // The per-block softmax loops are compiled for AVX-512 and AVX2 besides the baseline, and the
@@ -41,19 +41,22 @@ constexpr std::int64_t kKeyBlock = 128;  // keys per block of the score matrix
 // ternaries), which would leave these loops scalar: every select below is bit-mask arithmetic.
 
 // e^x to about 2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
-// (truncation under 1e-8 relative), 2^n through the exponent bits. x < -87 gives 0; x > 88
-// saturates at e^88.
+// (truncation under 1e-8 relative), 2^n through the exponent bits. x < -87 gives 0, x > 88
+// saturates at e^88, NaN stays NaN.
 inline float exp_lane(float x) {
-  constexpr std::uint32_t kLowest = 0xC2AE0000u;   // -87.0f; larger bit patterns are below it
-  constexpr std::uint32_t kHighest = 0x42B00000u;  // 88.0f
-  constexpr std::uint32_t kSign = 0x80000000u;
+  constexpr std::uint32_t kLowest = 0xC2AE0000u;  // -87.0f; bit patterns up to -inf lie below it
+  constexpr std::uint32_t kMinusInfinity = 0xFF800000u;
+  constexpr std::uint32_t kHighest = 0x42B00000u;  // 88.0f; bit patterns up to +inf lie above it
+  constexpr std::uint32_t kInfinity = 0x7F800000u;
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2High = 0.693359375f;  // few mantissa bits, so n * kLn2High is exact
   constexpr float kLn2Low = -2.12194440054690583e-4f;
   constexpr float kRoundToInteger = 12582912.0f;  // 1.5 * 2^23
   std::uint32_t bits = std::bit_cast<std::uint32_t>(x);
-  const std::uint32_t under = 0u - static_cast<std::uint32_t>(bits > kLowest);
-  const std::uint32_t over = 0u - static_cast<std::uint32_t>((bits > kHighest) & (bits < kSign));
+  const std::uint32_t under =
+      0u - static_cast<std::uint32_t>((bits > kLowest) & (bits <= kMinusInfinity));
+  const std::uint32_t over =
+      0u - static_cast<std::uint32_t>((bits > kHighest) & (bits <= kInfinity));
   bits = (bits & ~(under | over)) | (kLowest & under) | (kHighest & over);
   const float t = std::bit_cast<float>(bits);
   const float n = (t * kLog2e + kRoundToInteger) - kRoundToInteger;
@@ -146,7 +149,6 @@ struct Geometry {
   std::int64_t batch = 0, seq = 0, heads = 0, kv_heads = 0, dim = 0, group = 0, window = 0;
   float scale = 0;
 
-  std::int64_t q_stride() const { return heads * dim; }      // between positions of q, out
   std::int64_t kv_stride() const { return kv_heads * dim; }  // between positions of k, v
   std::int64_t tile_positions() const { return std::max<std::int64_t>(1, kTileRows / group); }
   std::int64_t tiles() const { return (seq + tile_positions() - 1) / tile_positions(); }

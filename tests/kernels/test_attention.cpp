@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -236,6 +237,23 @@ TEST_P(Attention, WindowCoveringTheSequenceEqualsNoWindow) {
   EXPECT_EQ(a.out, b.out);
   EXPECT_EQ(a.dq, b.dq);
   EXPECT_EQ(a.dk, b.dk);
+}
+
+// As in PyTorch, a NaN in a query makes that query's output NaN and leaves the others alone,
+// whichever its sign bit (x86 arithmetic makes negative NaNs).
+TEST_P(Attention, PropagatesNaN) {
+  const Case c{1, 20, 2, 1, 8, 0};
+  for (float nan :
+       {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN()}) {
+    Inputs in = random_inputs(c, 5);
+    in.q[c.q_at(0, 7, 1) + 3] = nan;
+    const Result got = run(c, in);
+    for (std::int64_t s = 0; s < c.seq; ++s)
+      for (std::int64_t h = 0; h < c.heads; ++h)
+        for (std::int64_t d = 0; d < c.dim; ++d)
+          EXPECT_EQ(std::isnan(got.out[c.q_at(0, s, h) + d]), s == 7 && h == 1)
+              << "position " << s << " head " << h << " nan " << nan;
+  }
 }
 
 TEST_P(Attention, RejectsInconsistentShapes) {

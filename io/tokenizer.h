@@ -1,0 +1,44 @@
+#pragma once
+// The model's SentencePiece tokenizer (`tokenizer.model`, as Mistral and Llama ship it). Encoding
+// adds no BOS and no EOS: callers append the EOS per document, as Megatron's preprocess_data.py
+// --append-eod does. SentencePiece itself stays private to fastllm_io.
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace fastllm {
+
+class Tokenizer {
+ public:
+  // `path`: a tokenizer.model file, or a folder holding one (a Hugging Face checkpoint folder).
+  // Throws UserError naming the file when it is missing or not a SentencePiece model, or has no
+  // EOS piece.
+  explicit Tokenizer(const std::string& path);
+  Tokenizer(Tokenizer&&) noexcept;
+  Tokenizer& operator=(Tokenizer&&) noexcept;
+  ~Tokenizer();
+
+  // Safe to call from several threads at once.
+  std::vector<std::int32_t> encode(std::string_view text) const;
+  std::string decode(std::span<const std::int32_t> ids) const;
+
+  std::int32_t eos_id() const { return eos_id_; }
+  // -1 when the model has none.
+  std::int32_t bos_id() const { return bos_id_; }
+  std::int64_t vocab_size() const { return vocab_size_; }
+  // The model file read.
+  const std::string& path() const { return path_; }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::string path_;
+  std::int32_t eos_id_ = -1;
+  std::int32_t bos_id_ = -1;
+  std::int64_t vocab_size_ = 0;
+};
+
+}  // namespace fastllm
