@@ -12,7 +12,7 @@ packages=(
   libsentencepiece-dev sentencepiece
   libgtest-dev libbenchmark-dev
   gnuplot-nox shellcheck clang-format
-  python3 python3-numpy
+  python3 python3-numpy jargon
 )
 
 missing=()

@@ -11,7 +11,7 @@ jobs=$(nproc)
 build=build
 extra=()
 if [ "${FASTLLM_SANITIZE:-0}" = 1 ]; then
-  build=build-asan
+  build="build-asan"
   extra=(-DFASTLLM_SANITIZE=ON -DFASTLLM_CUDA=OFF -DFASTLLM_BENCHMARKS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo)
 fi
 cmake -S . -B "$build" -G Ninja "${extra[@]}" >/dev/null

@@ -13,5 +13,6 @@ int run_probe(const Args& args);
 int run_convert(const Args& args);
 int run_export(const Args& args);
 int run_train(const Args& args);
+int run_prepare(const Args& args);
 
 }  // namespace fastllm

@@ -153,6 +153,17 @@ const std::vector<FlagSpec> kCheckpoint = {
     {"keep_checkpoints", T::Int, "3", "newest checkpoints kept in --save; 0 keeps all"},
 };
 
+const std::vector<FlagSpec> kPrepare = {
+    {"input", T::List, "", "text or JSONL files (or folders of them) to tokenize"},
+    {"tokenizer", T::String, "", "SentencePiece tokenizer.model, or a folder holding one"},
+    {"output", T::String, "", "dataset prefix: writes PREFIX.bin and PREFIX.idx"},
+    {"format", T::Choice, "auto", "input format; auto: JSONL for *.jsonl/*.json, else text",
+     {"auto", "text", "jsonl"}},
+    {"split_lines", T::Bool, "0", "text files: one document per line instead of per file"},
+    {"json_key", T::String, "text", "JSONL files: the field holding each document"},
+    {"append_eos", T::Bool, "1", "append the tokenizer's end-of-sequence id to every document"},
+};
+
 bool starts_with(const std::string& s, const std::string& prefix) {
   return s.rfind(prefix, 0) == 0;
 }
@@ -203,6 +214,8 @@ const std::vector<FlagSpec>& flags_of(FlagGroup group) {
       return kData;
     case FlagGroup::Checkpoint:
       return kCheckpoint;
+    case FlagGroup::Prepare:
+      return kPrepare;
   }
   throw std::logic_error("unknown flag group");
 }

@@ -34,7 +34,8 @@ enum class FlagGroup {
   Export,
   Train,
   Data,
-  Checkpoint
+  Checkpoint,
+  Prepare
 };
 const std::vector<FlagSpec>& flags_of(FlagGroup group);
 
