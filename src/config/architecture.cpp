@@ -201,27 +201,30 @@ double model_flops_per_token(const Architecture& a, std::int64_t seq, std::int64
 namespace {
 
 nlohmann::ordered_json to_json(const Architecture& a) {
-  return {{"num_layers", a.num_layers},
-          {"hidden_size", a.hidden_size},
-          {"vocab_size", a.vocab_size},
-          {"num_attention_heads", a.num_attention_heads},
-          {"head_groups", a.head_groups},
-          {"kv_channels", a.kv_channels},
-          {"ffn_hidden_size", a.ffn_hidden_size},
-          {"add_linear_biases", a.add_linear_biases},
-          {"gated", a.gated},
-          {"activation_type", a.activation == Activation::GeLU ? "gelu" : "silu"},
-          {"normalization_type", a.normalization == NormType::LayerNorm ? "layer_norm" : "rms_norm"},
-          {"norm_epsilon", a.norm_epsilon},
-          {"rotary_embedding_scale", a.rotary_embedding_scale},
-          {"tie_word_embeddings", a.tie_word_embeddings},
-          {"num_experts", a.num_experts},
-          {"num_experts_per_token", a.num_experts_per_token}};
+  return {
+      {"num_layers", a.num_layers},
+      {"hidden_size", a.hidden_size},
+      {"vocab_size", a.vocab_size},
+      {"num_attention_heads", a.num_attention_heads},
+      {"head_groups", a.head_groups},
+      {"kv_channels", a.kv_channels},
+      {"ffn_hidden_size", a.ffn_hidden_size},
+      {"add_linear_biases", a.add_linear_biases},
+      {"gated", a.gated},
+      {"activation_type", a.activation == Activation::GeLU ? "gelu" : "silu"},
+      {"normalization_type", a.normalization == NormType::LayerNorm ? "layer_norm" : "rms_norm"},
+      {"norm_epsilon", a.norm_epsilon},
+      {"rotary_embedding_scale", a.rotary_embedding_scale},
+      {"tie_word_embeddings", a.tie_word_embeddings},
+      {"num_experts", a.num_experts},
+      {"num_experts_per_token", a.num_experts_per_token}};
 }
 
 }  // namespace
 
-std::string architecture_to_json(const Architecture& a) { return to_json(a).dump(); }
+std::string architecture_to_json(const Architecture& a) {
+  return to_json(a).dump();
+}
 
 Architecture architecture_from_json(const std::string& text, const std::string& where) {
   try {

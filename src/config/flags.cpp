@@ -97,9 +97,9 @@ const std::vector<FlagSpec> kProbe = {
 };
 
 const FlagSpec kSave{"save", T::String, "",
-                    "experiment folder checkpoints are written to (checkpoint-<iteration>.h5)"};
+                     "experiment folder checkpoints are written to (checkpoint-<iteration>.h5)"};
 const FlagSpec kLoad{"load", T::String, "",
-                    "folder to resume from: its newest complete checkpoint is read"};
+                     "folder to resume from: its newest complete checkpoint is read"};
 
 const std::vector<FlagSpec> kConvert = {kSave};
 
@@ -119,7 +119,11 @@ const std::vector<FlagSpec> kTrain = {
     {"lr", T::Float, "3e-4", "peak learning rate"},
     {"min_lr", T::Float, "0", "learning rate at the end of decay"},
     {"lr_warmup_iters", T::Int, "0", "linear warmup iterations"},
-    {"lr_decay_style", T::Choice, "constant", "decay after warmup", {"constant", "linear", "cosine"}},
+    {"lr_decay_style",
+     T::Choice,
+     "constant",
+     "decay after warmup",
+     {"constant", "linear", "cosine"}},
     {"lr_decay_iters", T::Int, "0", "iteration at which min_lr is reached; 0 = --train_iters"},
     {"weight_decay", T::Float, "0.01", "AdamW decoupled weight decay (2-D and larger parameters)"},
     {"adam_beta1", T::Float, "0.9", "AdamW beta1"},
@@ -139,7 +143,9 @@ const std::vector<FlagSpec> kData = {
     {"data_path", T::List, "",
      "indexed datasets (PREFIX of PREFIX.bin/.idx), optionally weighted: 0.7 A 0.3 B"},
     {"split", T::String, "969,30,1", "train,validation,test proportions of each dataset"},
-    {"data_sampling", T::Choice, "packed",
+    {"data_sampling",
+     T::Choice,
+     "packed",
      "packed: documents concatenated and cut into samples; document: one document per sample, "
      "padded",
      {"packed", "document"}},
@@ -157,7 +163,10 @@ const std::vector<FlagSpec> kPrepare = {
     {"input", T::List, "", "text or JSONL files (or folders of them) to tokenize"},
     {"tokenizer", T::String, "", "SentencePiece tokenizer.model, or a folder holding one"},
     {"output", T::String, "", "dataset prefix: writes PREFIX.bin and PREFIX.idx"},
-    {"format", T::Choice, "auto", "input format; auto: JSONL for *.jsonl/*.json, else text",
+    {"format",
+     T::Choice,
+     "auto",
+     "input format; auto: JSONL for *.jsonl/*.json, else text",
      {"auto", "text", "jsonl"}},
     {"split_lines", T::Bool, "0", "text files: one document per line instead of per file"},
     {"json_key", T::String, "text", "JSONL files: the field holding each document"},

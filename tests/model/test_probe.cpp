@@ -32,9 +32,10 @@ void check_probe(const std::string& model, const std::string& reference_folder, 
   TempDir dir;
   const std::string reference = kFixtures + "/" + reference_folder + "/reference.safetensors";
   const std::string out = (dir / "out.safetensors").string();
-  CommandResult r = run_fastllm("probe --pretrained_checkpoint_type=huggingface "
-                                "--pretrained_checkpoint_path=" + kFixtures + "/" + model +
-                                " --input=" + reference + " --output=" + out);
+  CommandResult r = run_fastllm(
+      "probe --pretrained_checkpoint_type=huggingface "
+      "--pretrained_checkpoint_path=" +
+      kFixtures + "/" + model + " --input=" + reference + " --output=" + out);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const SafetensorsFile got = SafetensorsFile::open(out);
   const SafetensorsFile ref = SafetensorsFile::open(reference);
@@ -57,14 +58,17 @@ void check_probe(const std::string& model, const std::string& reference_folder, 
   }
   // Every gradient probe wrote is one the reference has.
   int written = 0;
-  for (const TensorInfo& t : got.tensors()) written += t.name.rfind("grad.", 0) == 0;
+  for (const TensorInfo& t : got.tensors())
+    written += t.name.rfind("grad.", 0) == 0;
   EXPECT_EQ(written, grads);
   EXPECT_GT(grads, 0);
 }
 
 const Bounds kFloat32{1e-5, 1e-5, 1e-4};
 
-TEST(ProbeFixtures, MistralShardedWithWindow) { check_probe("dev-mistral", "dev-mistral", kFloat32); }
+TEST(ProbeFixtures, MistralShardedWithWindow) {
+  check_probe("dev-mistral", "dev-mistral", kFloat32);
+}
 TEST(ProbeFixtures, MixtralWithLoadBalancingLoss) {
   check_probe("dev-mixtral", "dev-mixtral", kFloat32);
 }
@@ -110,7 +114,8 @@ TEST_P(ProbeBadInput, ClearErrorNoOutput) {
   const BadProbe& c = GetParam();
   TempDir dir;
   std::int64_t n = 1;
-  for (auto d : c.shape) n *= d;
+  for (auto d : c.shape)
+    n *= d;
   std::vector<std::int64_t> values(static_cast<std::size_t>(n), 5);
   values.back() = c.fill;
   const std::string in = write_input(dir, c.tensor, c.dtype, c.shape, values);
@@ -126,18 +131,38 @@ TEST_P(ProbeBadInput, ClearErrorNoOutput) {
 INSTANTIATE_TEST_SUITE_P(
     Cases, ProbeBadInput,
     ::testing::Values(
-        BadProbe{"OutOfVocabulary", "input_ids", SafetensorsDtype::I64, {2, 8}, 1000,
+        BadProbe{"OutOfVocabulary",
+                 "input_ids",
+                 SafetensorsDtype::I64,
+                 {2, 8},
+                 1000,
                  "input_ids[1, 7] = 1000 is outside the vocabulary [0, 1000)"},
-        BadProbe{"Negative", "input_ids", SafetensorsDtype::I64, {2, 8}, -1,
+        BadProbe{"Negative",
+                 "input_ids",
+                 SafetensorsDtype::I64,
+                 {2, 8},
+                 -1,
                  "input_ids[1, 7] = -1 is outside the vocabulary"},
-        BadProbe{"WrongRank", "input_ids", SafetensorsDtype::I64, {16}, 5,
+        BadProbe{"WrongRank",
+                 "input_ids",
+                 SafetensorsDtype::I64,
+                 {16},
+                 5,
                  "input_ids has 1 dimensions, expected 2"},
-        BadProbe{"WrongDtype", "input_ids", SafetensorsDtype::F32, {2, 8}, 5,
+        BadProbe{"WrongDtype",
+                 "input_ids",
+                 SafetensorsDtype::F32,
+                 {2, 8},
+                 5,
                  "input_ids has dtype F32, expected I64"},
-        BadProbe{"TooLong", "input_ids", SafetensorsDtype::I64, {1, 513}, 5,
+        BadProbe{"TooLong",
+                 "input_ids",
+                 SafetensorsDtype::I64,
+                 {1, 513},
+                 5,
                  "longer than the model's 512"},
-        BadProbe{"Missing", "tokens", SafetensorsDtype::I64, {2, 8}, 5,
-                 "no tensor named input_ids"}),
+        BadProbe{
+            "Missing", "tokens", SafetensorsDtype::I64, {2, 8}, 5, "no tensor named input_ids"}),
     [](const auto& info) { return info.param.name; });
 
 }  // namespace

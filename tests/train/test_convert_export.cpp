@@ -39,21 +39,33 @@ void round_trip(const std::string& fixture, const std::string& dtype, const std:
     EXPECT_EQ(config[key], source[key]) << key;
 }
 
-TEST(ConvertExport, Float32Sharded) { round_trip("dev-mistral", "fp32", "200KB"); }
-TEST(ConvertExport, Bfloat16) { round_trip("dev-mistral-bf16", "bf16", "5GB"); }
-TEST(ConvertExport, MixtralFloat32) { round_trip("dev-mixtral", "fp32", "5GB"); }
-TEST(ConvertExport, Tied) { round_trip("dev-tied-nowindow", "fp32", "5GB"); }
+TEST(ConvertExport, Float32Sharded) {
+  round_trip("dev-mistral", "fp32", "200KB");
+}
+TEST(ConvertExport, Bfloat16) {
+  round_trip("dev-mistral-bf16", "bf16", "5GB");
+}
+TEST(ConvertExport, MixtralFloat32) {
+  round_trip("dev-mixtral", "fp32", "5GB");
+}
+TEST(ConvertExport, Tied) {
+  round_trip("dev-tied-nowindow", "fp32", "5GB");
+}
 
 TEST(ConvertExport, ShardsWithIndex) {
   TempDir dir;
   ASSERT_EQ(run_fastllm("convert --pretrained_checkpoint_path=" + kFixtures +
-                        "/dev-mistral --save=" + (dir / "c").string()).exit_code, 0);
+                        "/dev-mistral --save=" + (dir / "c").string())
+                .exit_code,
+            0);
   ASSERT_EQ(run_fastllm("export --load=" + (dir / "c").string() + " --output=" +
-                        (dir / "hf").string() + " --dtype=fp32 --max_shard_size=100KB").exit_code,
+                        (dir / "hf").string() + " --dtype=fp32 --max_shard_size=100KB")
+                .exit_code,
             0);
   auto index = nlohmann::json::parse(read_text((dir / "hf/model.safetensors.index.json").string()));
   std::set<std::string> files;
-  for (auto& [name, file] : index["weight_map"].items()) files.insert(file.get<std::string>());
+  for (auto& [name, file] : index["weight_map"].items())
+    files.insert(file.get<std::string>());
   EXPECT_GT(files.size(), 2u);
   EXPECT_EQ(index["metadata"]["total_size"], 214336 * 4);  // dev-mistral's parameters in fp32
 }

@@ -18,7 +18,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string bytes_of(const fs::path& path) { return read_text(path); }
+std::string bytes_of(const fs::path& path) {
+  return read_text(path);
+}
 
 class Resume : public ::testing::Test {
  protected:
@@ -49,17 +51,22 @@ TEST_F(Resume, BitIdenticalToAnUninterruptedRun) {
     EXPECT_EQ(a[i]["grad_norm"].get<double>(), b[i]["grad_norm"].get<double>());
   }
   for (const std::string& run : {straight, split})
-    ASSERT_EQ(run_fastllm("export --dtype=fp32 --load=" + run + " --output=" + run + "/hf").exit_code, 0);
-  EXPECT_EQ(bytes_of(straight + "/hf/model.safetensors"), bytes_of(split + "/hf/model.safetensors"));
+    ASSERT_EQ(
+        run_fastllm("export --dtype=fp32 --load=" + run + " --output=" + run + "/hf").exit_code, 0);
+  EXPECT_EQ(bytes_of(straight + "/hf/model.safetensors"),
+            bytes_of(split + "/hf/model.safetensors"));
 }
 
 TEST_F(Resume, CorruptNewestCheckpointFallsBackToThePrevious) {
   const std::string run = (dir_ / "run").string();
-  ASSERT_EQ(run_fastllm("train " + flags() + " --train_iters=4 --save_interval=2 --save=" + run).exit_code, 0);
+  ASSERT_EQ(run_fastllm("train " + flags() + " --train_iters=4 --save_interval=2 --save=" + run)
+                .exit_code,
+            0);
   // The newest file truncated, as a copy cut short would leave it.
   const fs::path newest = fs::path(run) / "checkpoint-00000004.h5";
   fs::resize_file(newest, fs::file_size(newest) / 2);
-  CommandResult r = run_fastllm("train " + flags() + " --train_iters=6 --save=" + run + " --load=" + run);
+  CommandResult r =
+      run_fastllm("train " + flags() + " --train_iters=6 --save=" + run + " --load=" + run);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.err.find("skipping " + newest.string()), std::string::npos) << r.err;
   EXPECT_NE(r.out.find("checkpoint-00000002.h5 at iteration 2"), std::string::npos) << r.out;
@@ -85,15 +92,17 @@ int wait_exit(pid_t pid) {
 // A model big enough that a checkpoint takes a while to write.
 std::string big_model_flags(const std::string& data) {
   return "--num_layers=4 --hidden_size=512 --num_attention_heads=8 --head_groups=4 "
-         "--ffn_hidden_size=1024 --vocab_size=1000 --data_path=" + data +
+         "--ffn_hidden_size=1024 --vocab_size=1000 --data_path=" +
+         data +
          " --data_sampling=document --split=1,0,0 --sequence_length=16 --batch_size=2 "
          "--micro_batch_size=2 --log_interval=1";
 }
 
 TEST_F(Resume, KilledWhileSavingResumesFromThePreviousCheckpoint) {
   const std::string run = (dir_ / "run").string();
-  const pid_t pid = spawn_train(big_model_flags(data()) + " --train_iters=1000 --save_interval=1 --save=" + run,
-                                (dir_ / "log").string());
+  const pid_t pid =
+      spawn_train(big_model_flags(data()) + " --train_iters=1000 --save_interval=1 --save=" + run,
+                  (dir_ / "log").string());
   // Kill as soon as a second checkpoint is being written (its .tmp exists).
   bool killed = false;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
@@ -111,15 +120,16 @@ TEST_F(Resume, KilledWhileSavingResumesFromThePreviousCheckpoint) {
   }
   ASSERT_TRUE(killed) << read_text(dir_ / "log");
   EXPECT_EQ(wait_exit(pid), 128 + SIGKILL);
-  CommandResult r = run_fastllm("train " + big_model_flags(data()) + " --train_iters=3 --save=" +
-                                run + " --load=" + run);
+  CommandResult r = run_fastllm("train " + big_model_flags(data()) +
+                                " --train_iters=3 --save=" + run + " --load=" + run);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("resumed from"), std::string::npos) << r.out;
 }
 
 TEST_F(Resume, SigtermSavesAndExitsZero) {
   const std::string run = (dir_ / "run").string(), log = (dir_ / "log").string();
-  const pid_t pid = spawn_train(big_model_flags(data()) + " --train_iters=100000 --save=" + run, log);
+  const pid_t pid =
+      spawn_train(big_model_flags(data()) + " --train_iters=100000 --save=" + run, log);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
   while (read_text(log).find("iteration      2/") == std::string::npos &&
          std::chrono::steady_clock::now() < deadline)

@@ -22,7 +22,9 @@ void expect_steps(const LrSchedule& s, const std::vector<double>& expected) {
     EXPECT_NEAR(s.at(static_cast<std::int64_t>(it)), expected[it], 1e-12) << "iteration " << it;
 }
 
-TEST(Schedule, Constant) { expect_steps(schedule(DecayStyle::Constant), {0.5, 1, 1, 1, 1, 1, 1, 1}); }
+TEST(Schedule, Constant) {
+  expect_steps(schedule(DecayStyle::Constant), {0.5, 1, 1, 1, 1, 1, 1, 1});
+}
 
 TEST(Schedule, Linear) {
   // After warmup: 1 - 0.9 * (it - 2) / 4.

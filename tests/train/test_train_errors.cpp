@@ -65,10 +65,12 @@ TEST_F(TrainErrors, BatchNotDivisible) {
 
 TEST_F(TrainErrors, LoadOfAnotherArchitecture) {
   const std::string other = (dir_ / "other").string();
-  CommandResult saved = run_fastllm("train " + fixture_train_flags("dev-tied-nowindow", data(), seq_, 1) +
-                                    " --train_iters=1 --save=" + other);
+  CommandResult saved =
+      run_fastllm("train " + fixture_train_flags("dev-tied-nowindow", data(), seq_, 1) +
+                  " --train_iters=1 --save=" + other);
   ASSERT_EQ(saved.exit_code, 0) << saved.err;
-  expect_error(flags(data()) + " --load=" + other, "holds another architecture (tie_word_embeddings");
+  expect_error(flags(data()) + " --load=" + other,
+               "holds another architecture (tie_word_embeddings");
 }
 
 TEST_F(TrainErrors, MissingRequiredFlag) {
@@ -78,7 +80,8 @@ TEST_F(TrainErrors, MissingRequiredFlag) {
 }
 
 TEST_F(TrainErrors, SequenceLongerThanTheModel) {
-  expect_error(flags(data()) + " --sequence_length=513", "exceeds the model's --max_sequence_length=512");
+  expect_error(flags(data()) + " --sequence_length=513",
+               "exceeds the model's --max_sequence_length=512");
 }
 
 }  // namespace

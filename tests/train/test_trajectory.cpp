@@ -29,8 +29,9 @@ void check_trajectory(const std::string& fixture, std::int64_t micro_batch_size)
   const std::vector<float> norms = reference.read_f32("grad_norms");
   const auto steps = static_cast<std::int64_t>(losses.size());
 
-  CommandResult r = run_fastllm("train " + fixture_train_flags(fixture, data, seq, micro_batch_size) +
-                                " --train_iters=" + std::to_string(steps) + " --save=" + save);
+  CommandResult r =
+      run_fastllm("train " + fixture_train_flags(fixture, data, seq, micro_batch_size) +
+                  " --train_iters=" + std::to_string(steps) + " --save=" + save);
   ASSERT_EQ(r.exit_code, 0) << r.err << r.out;
   const auto records = metrics(save, "loss");
   ASSERT_EQ(static_cast<std::int64_t>(records.size()), steps);
@@ -41,8 +42,8 @@ void check_trajectory(const std::string& fixture, std::int64_t micro_batch_size)
     EXPECT_LE(std::fabs(norm - norms[s]) / norms[s], 1e-4) << "step " << s;
   }
 
-  CommandResult exported = run_fastllm("export --load=" + save + " --dtype=fp32 --output=" +
-                                       (dir / "hf").string());
+  CommandResult exported =
+      run_fastllm("export --load=" + save + " --dtype=fp32 --output=" + (dir / "hf").string());
   ASSERT_EQ(exported.exit_code, 0) << exported.err;
   const auto weights = read_all((dir / "hf").string());
   int compared = 0;
@@ -56,10 +57,14 @@ void check_trajectory(const std::string& fixture, std::int64_t micro_batch_size)
 }
 
 // Two micro-batches of one sequence: gradient accumulation over the global batch.
-TEST(Trajectory, MistralWithAccumulation) { check_trajectory("dev-mistral", 1); }
+TEST(Trajectory, MistralWithAccumulation) {
+  check_trajectory("dev-mistral", 1);
+}
 // One micro-batch of two sequences: the load-balancing loss is over the whole batch, as in
 // transformers.
-TEST(Trajectory, Mixtral) { check_trajectory("dev-mixtral", 2); }
+TEST(Trajectory, Mixtral) {
+  check_trajectory("dev-mixtral", 2);
+}
 
 }  // namespace
 }  // namespace fastllm::test

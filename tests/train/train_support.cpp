@@ -26,8 +26,8 @@ std::string fixture_train_flags(const std::string& fixture, const std::string& d
   return "--pretrained_checkpoint_type=huggingface --pretrained_checkpoint_path=" + kFixtures +
          "/" + fixture + " --data_path=" + data +
          " --data_sampling=document --data_shuffle=0 --split=1,0,0 --sequence_length=" +
-         std::to_string(seq) + " --batch_size=2 --micro_batch_size=" +
-         std::to_string(micro_batch_size) +
+         std::to_string(seq) +
+         " --batch_size=2 --micro_batch_size=" + std::to_string(micro_batch_size) +
          " --lr=0.003 --lr_decay_style=constant --adam_beta1=0.9 --adam_beta2=0.95 "
          "--adam_eps=1e-8 --weight_decay=0 --clip_grad=0 --log_interval=1";
 }
@@ -45,7 +45,8 @@ std::vector<nlohmann::json> metrics(const std::string& dir, const std::string& k
 std::map<std::string, std::vector<float>> read_all(const std::string& path) {
   const SafetensorsCheckpoint checkpoint = SafetensorsCheckpoint::open(path);
   std::map<std::string, std::vector<float>> out;
-  for (const std::string& name : checkpoint.names()) out[name] = checkpoint.read_f32(name);
+  for (const std::string& name : checkpoint.names())
+    out[name] = checkpoint.read_f32(name);
   return out;
 }
 
