@@ -23,7 +23,8 @@ namespace fs = std::filesystem;
 
 std::string resolved_json(const ModelConfig& config) {
   nlohmann::ordered_json j;
-  for (const auto& [name, rv] : config.resolved) j[name] = rv.value;
+  for (const auto& [name, rv] : config.resolved)
+    j[name] = rv.value;
   return j.dump();
 }
 
@@ -38,8 +39,8 @@ std::int64_t parse_size(const std::string& text) {
   }
   const std::string unit = text.substr(end);
   const std::pair<const char*, double> units[] = {
-      {"", 1},          {"B", 1},          {"KB", 1e3},          {"MB", 1e6},
-      {"GB", 1e9},      {"KiB", 1024.0},   {"MiB", 1048576.0},   {"GiB", 1073741824.0}};
+      {"", 1},     {"B", 1},        {"KB", 1e3},        {"MB", 1e6},
+      {"GB", 1e9}, {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0}};
   for (const auto& [name, factor] : units) {
     if (end > 0 && unit == name && value > 0) return static_cast<std::int64_t>(value * factor);
   }
@@ -53,7 +54,8 @@ RunSettings run_settings_of(const std::string& config_json) {
   if (j.is_discarded() || !j.is_object()) return run;
   auto get = [&](const char* key) { return j.contains(key) ? j[key].get<std::string>() : ""; };
   if (!get("window_size").empty()) run.window_size = std::stoll(get("window_size"));
-  if (!get("moe_aux_loss_coeff").empty()) run.moe_aux_loss_coeff = std::stod(get("moe_aux_loss_coeff"));
+  if (!get("moe_aux_loss_coeff").empty())
+    run.moe_aux_loss_coeff = std::stod(get("moe_aux_loss_coeff"));
   if (!get("max_sequence_length").empty())
     run.max_sequence_length = std::stoll(get("max_sequence_length"));
   return run;
@@ -61,8 +63,9 @@ RunSettings run_settings_of(const std::string& config_json) {
 
 nlohmann::ordered_json hf_config(const Architecture& a, const RunSettings& run, bool bf16) {
   auto unsupported = [](const std::string& what) {
-    throw UserError("export: " + what +
-                    " has no Hugging Face Mistral/Mixtral equivalent; this model cannot be exported");
+    throw UserError(
+        "export: " + what +
+        " has no Hugging Face Mistral/Mixtral equivalent; this model cannot be exported");
   };
   if (a.normalization != NormType::RMSNorm) unsupported("--normalization_type=layer_norm");
   if (a.add_linear_biases) unsupported("--add_linear_biases=1");
@@ -104,8 +107,9 @@ int run_convert(const Args& args) {
   }
   const ModelConfig config = resolve_model(options);
   if (config.checkpoint_path.empty() || !config.load_weights)
-    throw UserError("convert needs --pretrained_checkpoint_path=<Hugging Face folder> and "
-                    "--load_pretrained_weights=1");
+    throw UserError(
+        "convert needs --pretrained_checkpoint_path=<Hugging Face folder> and "
+        "--load_pretrained_weights=1");
   const std::string save = options.get_string("save");
   if (save.empty()) throw UserError("--save is required: the folder to write the checkpoint to");
 
@@ -196,7 +200,8 @@ int run_export(const Args& args) {
       char name[64];
       std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, shards.size());
       write_safetensors(fs::path(output) / name, shards[s], metadata);
-      for (const auto& t : shards[s]) index["weight_map"][t.name] = name;
+      for (const auto& t : shards[s])
+        index["weight_map"][t.name] = name;
     }
     std::ofstream(fs::path(output) / "model.safetensors.index.json") << index.dump(2) << "\n";
   }

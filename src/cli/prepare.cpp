@@ -21,11 +21,13 @@ int run_prepare(const Args& args) {
   p.tokenizer = options.get_string("tokenizer");
   p.output_prefix = options.get_string("output");
   if (p.inputs.empty()) throw UserError("--input is required: text or JSONL files to tokenize");
-  if (p.tokenizer.empty()) throw UserError("--tokenizer is required: a SentencePiece tokenizer.model");
+  if (p.tokenizer.empty())
+    throw UserError("--tokenizer is required: a SentencePiece tokenizer.model");
   if (p.output_prefix.empty()) throw UserError("--output is required: the dataset prefix to write");
   const std::string format = options.get_string("format");
-  p.format = format == "text" ? InputFormat::kText : format == "jsonl" ? InputFormat::kJsonl
-                                                                       : InputFormat::kAuto;
+  p.format = format == "text"    ? InputFormat::kText
+             : format == "jsonl" ? InputFormat::kJsonl
+                                 : InputFormat::kAuto;
   p.split_lines = options.get_bool("split_lines");
   p.json_key = options.get_string("json_key");
   p.append_eos = options.get_bool("append_eos");

@@ -1,5 +1,6 @@
 // `fastllm probe`: one forward and backward pass on given tokens, written out for comparison with
 // another implementation (the fixtures made by Hugging Face transformers, or another layout).
+#include <algorithm>
 #include <cstring>
 #include <iostream>
 
@@ -7,9 +8,13 @@
 #include "config/architecture.h"
 #include "io/error.h"
 #include "io/safetensors.h"
-#include "kernels/host/host_backend.h"
 #include "model/hf_weights.h"
 #include "model/model.h"
+#include "parallel/backend_setup.h"
+#include "parallel/layout.h"
+#include "parallel/mpi_session.h"
+#include "parallel/pipeline.h"
+#include "parallel/topology.h"
 
 namespace fastllm {
 namespace {
@@ -24,8 +29,8 @@ MicroBatch read_input(const std::string& path, const ModelConfig& model) {
   const TensorInfo* info = file.find("input_ids");
   if (!info) throw UserError(path + ": no tensor named input_ids");
   if (info->dtype != SafetensorsDtype::I64 && info->dtype != SafetensorsDtype::I32)
-    throw UserError(path + ": input_ids has dtype " +
-                    safetensors_dtype_name(info->dtype) + ", expected I64 (or I32)");
+    throw UserError(path + ": input_ids has dtype " + safetensors_dtype_name(info->dtype) +
+                    ", expected I64 (or I32)");
   if (info->shape.size() != 2)
     throw UserError(path + ": input_ids has " + std::to_string(info->shape.size()) +
                     " dimensions, expected 2 [batch, seq]");
@@ -58,10 +63,95 @@ MicroBatch read_input(const std::string& path, const ModelConfig& model) {
   return mb;
 }
 
+// Rank 0 receives from `source` (world rank) into data; the source sends. A rank that is both
+// copies.
+void to_rank0(const Topology& topo, int source, float* data, std::size_t count,
+              const float* local) {
+  if (topo.rank == 0 && source == 0) {
+    std::copy_n(local, count, data);
+  } else if (topo.rank == 0) {
+    MPI_Recv(data, static_cast<int>(count), MPI_FLOAT, source, 0, topo.world, MPI_STATUS_IGNORE);
+  } else if (topo.rank == source) {
+    MPI_Send(local, static_cast<int>(count), MPI_FLOAT, 0, 0, topo.world);
+  }
+}
+
+// The logits [batch, seq, vocab] of the whole input on rank 0: each data-parallel rank's last
+// stage holds its sequences, each tensor-parallel rank there its vocabulary rows.
+std::vector<float> gather_logits(const Model& model, const Topology& topo,
+                                 const std::vector<std::vector<float>>& local,
+                                 const MicroBatch& whole) {
+  const Layout& l = topo.layout;
+  const std::int64_t vocab = model.arch().vocab_size,
+                     tokens = whole.batch * whole.seq / l.data_parallel;
+  const std::int64_t slice = vocab_per_rank(vocab, l.tensor_parallel);
+  std::vector<float> out(topo.rank == 0 ? static_cast<std::size_t>(whole.batch * whole.seq * vocab)
+                                        : 0);
+  std::vector<float> part;
+  for (int d = 0; d < l.data_parallel; ++d) {
+    for (int t = 0; t < l.tensor_parallel; ++t) {
+      const int source = t + l.tensor_parallel * (d + l.data_parallel * (l.pipeline_parallel - 1));
+      const std::int64_t begin = t * slice, rows = std::min(slice, vocab - begin);
+      part.resize(static_cast<std::size_t>(tokens * rows));
+      to_rank0(topo, source, part.data(), part.size(),
+               topo.rank == source ? local.at(0).data() : nullptr);
+      if (topo.rank != 0) continue;
+      for (std::int64_t i = 0; i < tokens; ++i)
+        std::copy_n(part.begin() + i * rows, rows,
+                    out.begin() + ((d * tokens + i) * vocab + begin));
+    }
+  }
+  return out;
+}
+
+// Every whole gradient, in parameter_shapes order, on rank 0, from the ranks of data-parallel
+// replica 0 that hold its parts (the first of any replicas of a part).
+std::vector<std::vector<float>> gather_gradients(Model& model, const Topology& topo) {
+  const Layout& l = topo.layout;
+  const Architecture& arch = model.arch();
+  const std::vector<ParameterShape> shapes = parameter_shapes(arch);
+  std::vector<std::vector<float>> out(shapes.size());
+  // Rank 0 lists the parameters each rank of replica 0 holds (the table only, no weights) and
+  // receives the primary parts in that order from their holders.
+  for (int pp = 0; pp < l.pipeline_parallel; ++pp) {
+    for (int tp = 0; tp < l.tensor_parallel; ++tp) {
+      const int source = tp + l.tensor_parallel * l.data_parallel * pp;
+      std::vector<Parameter> held;
+      if (topo.rank == source) {
+        held = model.parameters();
+      } else if (topo.rank == 0) {
+        ModelPartition partition;
+        partition.tensor_parallel = l.tensor_parallel;
+        partition.tp_rank = tp;
+        partition.pipeline_parallel = l.pipeline_parallel;
+        partition.pp_rank = pp;
+        held = partition_parameters(arch, partition);
+      } else {
+        continue;
+      }
+      for (const Parameter& p : held) {
+        if (!p.primary) continue;
+        std::vector<float> part(static_cast<std::size_t>(p.numel));
+        std::vector<float> mine;
+        if (topo.rank == source) mine = model.read_grad(p);
+        to_rank0(topo, source, part.data(), part.size(), mine.data());
+        if (topo.rank != 0) continue;
+        std::int64_t whole = 1;
+        for (auto d : p.global_shape)
+          whole *= d;
+        out[p.index].resize(static_cast<std::size_t>(whole));
+        place_part(p, part, out[p.index]);
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 int run_probe(const Args& args) {
-  Options options("probe", {FlagGroup::Model, FlagGroup::Probe});
+  Options options("probe",
+                  {FlagGroup::Model, FlagGroup::Layout, FlagGroup::Probe, FlagGroup::Backend});
   options.parse(args);
   if (options.help_requested()) {
     std::cout << options.help_text();
@@ -71,39 +161,72 @@ int run_probe(const Args& args) {
   const std::string input = options.get_string("input"), output = options.get_string("output");
   if (input.empty()) throw UserError("--input is required: a safetensors file with input_ids");
   if (output.empty()) throw UserError("--output is required: where to write the results");
-  const MicroBatch mb = read_input(input, config);
+  const MicroBatch whole = read_input(input, config);
 
-  HostBackend backend;
-  Model model(backend, config.arch, config.run);
+  MpiSession mpi;
+  const Layout layout = resolve_layout(options, mpi.size(), config.arch);
+  const int dp = layout.data_parallel;
+  if (whole.batch % dp != 0)
+    throw UserError(input + ": input_ids has a batch of " + std::to_string(whole.batch) +
+                    " sequences, not a multiple of the " + std::to_string(dp) +
+                    " data-parallel ranks");
+  const std::unique_ptr<Backend> backend = backend_from_flags(options);
+  const Topology topo =
+      make_topology(layout, config.arch, mpi.world(), communicator_factory(*backend));
+  // Each data-parallel rank takes its contiguous share of the sequences as one micro-batch.
+  const std::int64_t tokens = whole.batch * whole.seq / dp;
+  MicroBatch mb;
+  mb.batch = whole.batch / dp;
+  mb.seq = whole.seq;
+  mb.input_ids.assign(whole.input_ids.begin() + topo.dp_rank * tokens,
+                      whole.input_ids.begin() + (topo.dp_rank + 1) * tokens);
+  mb.targets.assign(whole.targets.begin() + topo.dp_rank * tokens,
+                    whole.targets.begin() + (topo.dp_rank + 1) * tokens);
+
+  Model model(*backend, config.arch, config.run, model_partition(topo));
   if (config.load_weights) {
     load_hf_weights(model, config.checkpoint_path);
   } else {
     model.initialize(static_cast<std::uint64_t>(options.get_int("seed")));
   }
-  const std::int64_t tokens = mb.batch * mb.seq, vocab = config.arch.vocab_size;
-  std::vector<float> logits(static_cast<std::size_t>(tokens * vocab));
-  const std::int64_t predicted = mb.batch * (mb.seq - 1);
+  // The loss is the mean over all predicted tokens; the load-balancing loss is per micro-batch, so
+  // with several data-parallel ranks it is the mean over their micro-batches.
+  const std::int64_t predicted = whole.batch * (whole.seq - 1);
   const double coeff = config.arch.is_moe() ? config.run.moe_aux_loss_coeff : 0.0;
-  MicroBatchResult r;
-  model.backward(model.forward(mb, r, logits.data()), 1.0 / static_cast<double>(predicted), coeff);
-  const double loss = r.ce_sum / static_cast<double>(r.predicted) + coeff * r.aux_loss;
+  Pipeline pipeline(model, layout.pipeline_parallel > 1 ? topo.pipeline.get() : nullptr);
+  std::vector<std::vector<float>> logits;
+  const PipelineTotals totals =
+      pipeline.forward_backward({mb}, 1.0 / static_cast<double>(predicted), coeff / dp, &logits);
+  sync_replicated_gradients(model, topo);
+  topo.data->all_reduce(model.flat_grads(), ReduceOp::Sum);
 
-  std::vector<std::vector<float>> grads;
-  for (const Parameter& p : model.parameters()) grads.push_back(model.read_grad(p));
+  const bool reports = topo.last_stage() && topo.tp_rank == 0;
+  double sums[2] = {reports ? totals.ce_sum : 0.0, reports ? totals.aux_sum : 0.0};
+  MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, mpi.world());
+  const double aux_loss = sums[1] / dp;
+  const double loss = sums[0] / static_cast<double>(predicted) + coeff * aux_loss;
+
+  std::vector<float> all_logits = gather_logits(model, topo, logits, whole);
+  std::vector<std::vector<float>> grads = gather_gradients(model, topo);
+  if (mpi.rank() != 0) return 0;
+  const std::vector<ParameterShape> shapes = parameter_shapes(config.arch);
   std::vector<SafetensorsTensor> out;
-  out.push_back({"logits", SafetensorsDtype::F32, {mb.batch, mb.seq, vocab},
-                 bytes_of(logits.data(), logits.size() * sizeof(float))});
+  const std::int64_t vocab = config.arch.vocab_size;
+  out.push_back({"logits",
+                 SafetensorsDtype::F32,
+                 {whole.batch, whole.seq, vocab},
+                 bytes_of(all_logits.data(), all_logits.size() * sizeof(float))});
   out.push_back({"loss", SafetensorsDtype::F64, {1}, bytes_of(&loss, sizeof loss)});
   if (config.arch.is_moe())
-    out.push_back({"aux_loss", SafetensorsDtype::F64, {1}, bytes_of(&r.aux_loss, sizeof r.aux_loss)});
-  for (std::size_t i = 0; i < grads.size(); ++i) {
-    const Parameter& p = model.parameters()[i];
-    out.push_back({"grad." + p.name, SafetensorsDtype::F32, p.shape,
+    out.push_back({"aux_loss", SafetensorsDtype::F64, {1}, bytes_of(&aux_loss, sizeof aux_loss)});
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    out.push_back({"grad." + shapes[i].name, SafetensorsDtype::F32, shapes[i].shape,
                    bytes_of(grads[i].data(), grads[i].size() * sizeof(float))});
   }
   write_safetensors(output, out);
-  std::cout << "loss " << loss << (config.arch.is_moe() ? " aux_loss " + std::to_string(r.aux_loss) : "")
-            << " -> " << output << "\n";
+  std::cout << "loss " << loss
+            << (config.arch.is_moe() ? " aux_loss " + std::to_string(aux_loss) : "") << " -> "
+            << output << "\n";
   return 0;
 }
 

@@ -8,7 +8,7 @@ namespace fastllm {
 
 int run_train(const Args& args) {
   Options options("train", {FlagGroup::Model, FlagGroup::Layout, FlagGroup::Train, FlagGroup::Data,
-                            FlagGroup::Checkpoint});
+                            FlagGroup::Checkpoint, FlagGroup::Backend});
   options.parse(args);
   if (options.help_requested()) {
     std::cout << options.help_text();

@@ -99,7 +99,7 @@ const std::vector<FlagSpec> kProbe = {
 const FlagSpec kSave{"save", T::String, "",
                      "experiment folder checkpoints are written to (checkpoint-<iteration>.h5)"};
 const FlagSpec kLoad{"load", T::String, "",
-                     "folder to resume from: its newest complete checkpoint is read"};
+                     "checkpoint folder to start from (its newest complete checkpoint), or one file"};
 
 const std::vector<FlagSpec> kConvert = {kSave};
 
@@ -136,7 +136,8 @@ const std::vector<FlagSpec> kTrain = {
     {"eval_interval", T::Int, "0", "iterations between validation losses; 0 = none"},
     {"eval_iters", T::Int, "10", "batches of the validation split per evaluation"},
     {"peak_tflops", T::Float, "0",
-     "peak TFLOP/s of one device for MFU; 0 = the backend's (989 on H100/H200, none on the host)"},
+     "peak TFLOP/s of one device for MFU; 0 = the backend's (989, the H100/H200 dense bf16 peak, "
+     "on CUDA; none on the host)"},
 };
 
 const std::vector<FlagSpec> kData = {
@@ -171,6 +172,19 @@ const std::vector<FlagSpec> kPrepare = {
     {"split_lines", T::Bool, "0", "text files: one document per line instead of per file"},
     {"json_key", T::String, "text", "JSONL files: the field holding each document"},
     {"append_eos", T::Bool, "1", "append the tokenizer's end-of-sequence id to every document"},
+};
+
+const std::vector<FlagSpec> kBackend = {
+    {"backend",
+     T::Choice,
+     "host",
+     "where to compute: host (CPU, fp32) or cuda (one GPU per rank)",
+     {"host", "cuda"}},
+    {"dtype",
+     T::Choice,
+     "auto",
+     "compute dtype; auto: fp32 on the host, bf16 on CUDA (fp32 master weights either way)",
+     {"auto", "fp32", "bf16"}},
 };
 
 bool starts_with(const std::string& s, const std::string& prefix) {
@@ -225,6 +239,8 @@ const std::vector<FlagSpec>& flags_of(FlagGroup group) {
       return kCheckpoint;
     case FlagGroup::Prepare:
       return kPrepare;
+    case FlagGroup::Backend:
+      return kBackend;
   }
   throw std::logic_error("unknown flag group");
 }

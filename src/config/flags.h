@@ -35,7 +35,8 @@ enum class FlagGroup {
   Train,
   Data,
   Checkpoint,
-  Prepare
+  Prepare,
+  Backend
 };
 const std::vector<FlagSpec>& flags_of(FlagGroup group);
 

@@ -1,6 +1,9 @@
 #include "model/hf_weights.h"
 
+#include <cstring>
+
 #include "io/error.h"
+#include "io/half.h"
 #include "io/safetensors.h"
 
 namespace fastllm {
@@ -8,8 +11,51 @@ namespace {
 
 std::string shape_text(const std::vector<std::int64_t>& shape) {
   std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  for (std::size_t i = 0; i < shape.size(); ++i)
+    s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + "]";
+}
+
+// Element i of a stored tensor as float (stored bytes carry no alignment promise).
+float element(const std::byte* data, SafetensorsDtype dtype, std::int64_t i) {
+  switch (dtype) {
+    case SafetensorsDtype::F32: {
+      float v;
+      std::memcpy(&v, data + 4 * i, 4);
+      return v;
+    }
+    case SafetensorsDtype::F64: {
+      double v;
+      std::memcpy(&v, data + 8 * i, 8);
+      return static_cast<float>(v);
+    }
+    case SafetensorsDtype::BF16:
+    case SafetensorsDtype::F16: {
+      std::uint16_t v;
+      std::memcpy(&v, data + 2 * i, 2);
+      return dtype == SafetensorsDtype::BF16 ? bf16_to_f32(v) : f16_to_f32(v);
+    }
+    default:
+      return 0.0f;
+  }
+}
+
+// This rank's tensor-parallel part of a tensor, touching only its bytes of the mapped file.
+void read_part(const SafetensorsCheckpoint& checkpoint, const Parameter& p, std::span<float> out) {
+  const TensorInfo& info = checkpoint.info(p.name);
+  if (info.dtype != SafetensorsDtype::F32 && info.dtype != SafetensorsDtype::F64 &&
+      info.dtype != SafetensorsDtype::BF16 && info.dtype != SafetensorsDtype::F16)
+    throw UserError(checkpoint.path() + ": tensor " + p.name + " has dtype " +
+                    safetensors_dtype_name(info.dtype) + ", expected F32, BF16, F16 or F64");
+  const std::byte* data = checkpoint.raw(p.name).data();
+  const std::int64_t cols = p.global_shape.size() > 1 ? p.global_shape[1] : 1;
+  const std::int64_t local_cols = p.shape.size() > 1 ? p.shape[1] : 1;
+  const std::int64_t row0 = p.split_axis == 0 ? p.split_begin : 0;
+  const std::int64_t col0 = p.split_axis == 1 ? p.split_begin : 0;
+  for (std::int64_t r = 0; r < p.numel / local_cols; ++r) {
+    for (std::int64_t c = 0; c < local_cols; ++c)
+      out[r * local_cols + c] = element(data, info.dtype, (row0 + r) * cols + col0 + c);
+  }
 }
 
 }  // namespace
@@ -19,14 +65,18 @@ void load_hf_weights(Model& model, const std::string& folder) {
   std::vector<float> values;
   for (Parameter& p : model.parameters()) {
     if (!checkpoint.has(p.name))
-      throw UserError(folder + ": tensor " + p.name + " " + shape_text(p.shape) +
+      throw UserError(folder + ": tensor " + p.name + " " + shape_text(p.global_shape) +
                       " that the architecture needs is not in the checkpoint");
     const TensorInfo& info = checkpoint.info(p.name);
-    if (info.shape != p.shape)
+    if (info.shape != p.global_shape)
       throw UserError(folder + ": tensor " + p.name + " has shape " + shape_text(info.shape) +
-                      ", the architecture expects " + shape_text(p.shape));
+                      ", the architecture expects " + shape_text(p.global_shape));
     values.resize(static_cast<std::size_t>(p.numel));
-    checkpoint.read_f32_into(p.name, values);
+    if (p.split_axis < 0) {
+      checkpoint.read_f32_into(p.name, values);
+    } else {
+      read_part(checkpoint, p, values);
+    }
     model.write_weight(p, values.data());
   }
 }

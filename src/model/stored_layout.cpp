@@ -64,7 +64,9 @@ StoredAs stored_as(const Architecture& a, const std::string& name) {
       shape.push_back(F);
       shape.push_back(H);
     }
-    return {"/model/layers/" + kind + (bias ? "_bias" : ""), shape, {layer, expert},
+    return {"/model/layers/" + kind + (bias ? "_bias" : ""),
+            shape,
+            {layer, expert},
             !bias && w == "w2"};
   }
   throw std::invalid_argument("not a parameter: " + name);

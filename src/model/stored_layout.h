@@ -12,10 +12,10 @@
 namespace fastllm {
 
 struct StoredAs {
-  std::string dataset;                     // "/model/layers/q"
+  std::string dataset;                      // "/model/layers/q"
   std::vector<std::int64_t> dataset_shape;  // global: [L, (E,) rows, cols]
-  std::vector<std::int64_t> index;          // leading coordinates of this parameter: {layer(, expert)}
-  bool transposed = false;                 // stored as the transpose of the Hugging Face [out, in]
+  std::vector<std::int64_t> index;  // leading coordinates of this parameter: {layer(, expert)}
+  bool transposed = false;          // stored as the transpose of the Hugging Face [out, in]
 };
 
 // Throws std::invalid_argument for a name that is not a parameter of this architecture.

@@ -27,6 +27,30 @@ void validate_layout(const Layout& l, const Architecture& a) {
   if (a.num_layers < l.pipeline_parallel)
     throw UserError("--pipeline_parallel=" + n(l.pipeline_parallel) + " exceeds --num_layers=" +
                     n(a.num_layers) + ": every stage needs at least one layer");
+  const std::int64_t rows = vocab_per_rank(a.vocab_size, tp);
+  if (a.vocab_size - (tp - 1) * rows < 1)
+    throw UserError("--tensor_parallel=" + n(tp) + " splits --vocab_size=" + n(a.vocab_size) +
+                    " into slices of " + n(rows) + " rows, leaving the last rank none");
+}
+
+Layout resolve_layout(const Options& options, int world_size, const Architecture& arch) {
+  Layout l;
+  l.tensor_parallel = static_cast<int>(options.get_int("tensor_parallel"));
+  l.pipeline_parallel = static_cast<int>(options.get_int("pipeline_parallel"));
+  l.zero_stage = static_cast<int>(options.get_int("zero_stage"));
+  auto n = [](std::int64_t v) { return std::to_string(v); };
+  if (l.tensor_parallel < 1)
+    throw UserError("--tensor_parallel=" + n(l.tensor_parallel) + ": expected >= 1");
+  if (l.pipeline_parallel < 1)
+    throw UserError("--pipeline_parallel=" + n(l.pipeline_parallel) + ": expected >= 1");
+  const int model_ranks = l.tensor_parallel * l.pipeline_parallel;
+  if (world_size % model_ranks != 0)
+    throw UserError("--tensor_parallel=" + n(l.tensor_parallel) + " x --pipeline_parallel=" +
+                    n(l.pipeline_parallel) + " = " + n(model_ranks) + " does not divide the " +
+                    n(world_size) + " MPI ranks; the world must be data x tensor x pipeline");
+  l.data_parallel = world_size / model_ranks;
+  validate_layout(l, arch);
+  return l;
 }
 
 LayerRange stage_layers(std::int64_t num_layers, int stages, int stage) {

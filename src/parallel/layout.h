@@ -22,6 +22,11 @@ struct Layout {
 // Throws UserError naming the flag for a layout the model cannot be split into.
 void validate_layout(const Layout& layout, const Architecture& arch);
 
+// The layout of a run on world_size ranks: --tensor_parallel, --pipeline_parallel and --zero_stage
+// from the flags (FlagGroup::Layout), data parallel the rest of the world. Validated as above, and
+// UserError when TP x PP does not divide the world; every rank throws the same message.
+Layout resolve_layout(const Options& options, int world_size, const Architecture& arch);
+
 // Layers [begin, end) of pipeline stage `stage`: contiguous blocks, the first stages taking one
 // more layer when the count does not divide.
 struct LayerRange {

@@ -26,14 +26,32 @@ std::string checkpoint_name(std::int64_t iteration);
 // Committed checkpoint files in `dir`, oldest first (".tmp" files of interrupted saves excluded).
 std::vector<std::string> list_checkpoints(const std::string& dir);
 
+// The ranks sharing a checkpoint file: all of `world` open it; each saves and loads the parameters
+// its model holds (its tensor-parallel part of its pipeline stage), in the file's global,
+// layout-independent datasets, so a checkpoint saved under one layout loads under any other.
+// Ranks holding the same part of the model (data-parallel replicas) split the writing between them.
+struct CheckpointRanks {
+  MPI_Comm world = MPI_COMM_WORLD;
+  int dp_rank = 0;
+  int dp_size = 1;
+  // load_checkpoint prints, on world rank 0, the dataset bytes each rank read next to its share
+  // (the bytes of the parameters and, with an optimizer, the optimizer shard it holds).
+  bool report_reads = false;
+};
+
 // Collective. Writes `path` atomically. The optimizer may be null (a converted model: no moments).
-void save_checkpoint(const std::string& path, Model& model, const AdamW* optimizer,
-                     const TrainState& state, MPI_Comm comm);
+void save_checkpoint(const std::string& path, Model& model, AdamW* optimizer,
+                     const TrainState& state, const CheckpointRanks& ranks);
 
 // Collective. Reads weights (and moments when the optimizer is given and the file has them).
 // UserError when the file is unreadable or holds another architecture.
 TrainState load_checkpoint(const std::string& path, Model& model, AdamW* optimizer,
-                           MPI_Comm comm);
+                           const CheckpointRanks& ranks);
+
+// The same, for ranks that each hold the whole model (replicas of it over `comm`).
+void save_checkpoint(const std::string& path, Model& model, AdamW* optimizer,
+                     const TrainState& state, MPI_Comm comm);
+TrainState load_checkpoint(const std::string& path, Model& model, AdamW* optimizer, MPI_Comm comm);
 
 // The architecture a checkpoint file was saved with, without loading it.
 Architecture checkpoint_architecture(const std::string& path, MPI_Comm comm);

@@ -1,5 +1,8 @@
 #include "train/optimizer.h"
 
+#include <algorithm>
+#include <stdexcept>
+
 namespace fastllm {
 
 AdamW::State AdamW::zeros(std::int64_t n) {
@@ -10,36 +13,143 @@ AdamW::State AdamW::zeros(std::int64_t n) {
   return s;
 }
 
-AdamW::AdamW(Backend& backend, Model& model, const AdamWSettings& settings)
-    : backend_(backend), model_(model), settings_(settings) {
+AdamW::AdamW(Backend& backend, Model& model, const AdamWSettings& settings,
+             Communicator* data_parallel, bool zero)
+    : backend_(backend),
+      model_(model),
+      settings_(settings),
+      data_parallel_(data_parallel && data_parallel->size() > 1 ? data_parallel : nullptr),
+      zero_(zero && data_parallel_) {
   const std::int64_t n = model.parameter_count();
-  if (model.flat_weights().dtype == DType::F32) {
-    master_ = model.flat_weights();
+  const std::int64_t padded = model.padded_weights().numel();
+  if (zero_) {
+    const int ranks = data_parallel_->size();
+    if (padded % ranks != 0)
+      throw std::invalid_argument("AdamW: ZeRO-1 needs the model padded to the data-parallel size");
+    shard_size_ = padded / ranks;
+    shard_begin_ = std::min(n, data_parallel_->rank() * shard_size_);
+    shard_end_ = std::min(n, shard_begin_ + shard_size_);
+    grad_shard_ = zeros(shard_size_);
   } else {
-    own_master_ = zeros(n);
-    master_ = own_master_.t;
-    backend_.copy(master_, model.flat_weights());
+    shard_size_ = n;
+    shard_end_ = n;
   }
-  exp_avg_ = zeros(n);
-  exp_avg_sq_ = zeros(n);
+  if (model.flat_weights().dtype == DType::F32) {
+    master_ = zero_ ? model.padded_weights().rows(data_parallel_->rank() * shard_size_, shard_size_)
+                    : model.flat_weights();
+  } else {
+    own_master_ = zeros(shard_size_);
+    master_ = own_master_.t;
+    model_to_master();
+  }
+  exp_avg_ = zeros(shard_size_);
+  exp_avg_sq_ = zeros(shard_size_);
+}
+
+void AdamW::reduce_gradients() {
+  if (!data_parallel_) return;
+  if (zero_) {
+    data_parallel_->reduce_scatter(model_.padded_grads(), grad_shard_.t, ReduceOp::Sum);
+  } else {
+    data_parallel_->all_reduce(model_.flat_grads(), ReduceOp::Sum);
+  }
+}
+
+Tensor AdamW::shard_grads() const {
+  return zero_ ? grad_shard_.t.rows(0, shard_end_ - shard_begin_) : model_.flat_grads();
+}
+
+double AdamW::grad_sum_squares() {
+  if (data_parallel_ && !zero_ && data_parallel_->rank() != 0) return 0.0;
+  const Tensor grads = shard_grads();
+  // Contiguous runs of counted parameters, each summed in one pass.
+  double sum = 0;
+  std::int64_t run_begin = 0, run_end = 0;
+  auto flush = [&] {
+    if (run_end > run_begin)
+      sum += backend_.sum_squares(grads.rows(run_begin, run_end - run_begin));
+    run_begin = run_end = 0;
+  };
+  for (const Parameter& p : model_.parameters()) {
+    const std::int64_t lo = std::max(p.offset, shard_begin_) - shard_begin_;
+    const std::int64_t hi = std::min(p.offset + p.numel, shard_end_) - shard_begin_;
+    if (!p.primary || lo >= hi) {
+      flush();
+      continue;
+    }
+    if (lo != run_end) {
+      flush();
+      run_begin = lo;
+    }
+    run_end = hi;
+  }
+  flush();
+  return sum;
 }
 
 void AdamW::step(double lr, double grad_scale) {
   ++step_;
-  const Tensor grads = model_.flat_grads();
+  const Tensor grads = shard_grads();
   for (const Parameter& p : model_.parameters()) {
-    auto slice = [&](Tensor t) { return t.rows(p.offset, p.numel); };
+    const std::int64_t lo = std::max(p.offset, shard_begin_) - shard_begin_;
+    const std::int64_t hi = std::min(p.offset + p.numel, shard_end_) - shard_begin_;
+    if (lo >= hi) continue;
+    auto slice = [&](Tensor t) { return t.rows(lo, hi - lo); };
     backend_.adamw(slice(master_), slice(grads), slice(exp_avg_.t), slice(exp_avg_sq_.t),
                    static_cast<float>(lr), static_cast<float>(settings_.beta1),
                    static_cast<float>(settings_.beta2), static_cast<float>(settings_.eps),
                    p.decay ? static_cast<float>(settings_.weight_decay) : 0.0f, step_,
                    static_cast<float>(grad_scale));
   }
-  if (own_master_.t.data) master_to_model();
+  master_to_model();
 }
 
 void AdamW::master_to_model() {
-  if (master_.data != model_.flat_weights().data) backend_.copy(model_.flat_weights(), master_);
+  if (own_master_.t.data) {
+    const std::int64_t offset = zero_ ? data_parallel_->rank() * shard_size_ : 0;
+    backend_.copy(model_.padded_weights().rows(offset, shard_size_), master_);
+  }
+  if (zero_) {
+    const Tensor all = model_.padded_weights();
+    data_parallel_->all_gather(all.rows(data_parallel_->rank() * shard_size_, shard_size_), all);
+  }
+}
+
+void AdamW::model_to_master() {
+  if (!own_master_.t.data) return;
+  const std::int64_t offset = zero_ ? data_parallel_->rank() * shard_size_ : 0;
+  backend_.copy(master_, model_.padded_weights().rows(offset, shard_size_));
+}
+
+Tensor AdamW::full_shard(OptimizerState which) const {
+  switch (which) {
+    case OptimizerState::Master:
+      return master_;
+    case OptimizerState::ExpAvg:
+      return exp_avg_.t;
+    case OptimizerState::ExpAvgSq:
+      return exp_avg_sq_.t;
+  }
+  throw std::invalid_argument("unknown optimizer state");
+}
+
+std::vector<float> AdamW::gather(OptimizerState which) {
+  const std::int64_t n = model_.parameter_count();
+  std::vector<float> out(static_cast<std::size_t>(n));
+  if (!zero_) {
+    backend_.copy_to_host(out.data(), shard(full_shard(which)));
+    return out;
+  }
+  const std::int64_t padded = shard_size_ * data_parallel_->size();
+  const Buffer all = backend_.allocate(static_cast<std::size_t>(padded) * sizeof(float));
+  const Tensor t = all.tensor(DType::F32, {padded});
+  data_parallel_->all_gather(full_shard(which), t);
+  backend_.copy_to_host(out.data(), t.rows(0, n));
+  return out;
+}
+
+void AdamW::load(OptimizerState which, const float* values) {
+  if (shard_end_ > shard_begin_) backend_.copy_from_host(shard(full_shard(which)), values);
 }
 
 }  // namespace fastllm

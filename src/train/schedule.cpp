@@ -16,7 +16,8 @@ DecayStyle parse_decay_style(const std::string& name) {
 }
 
 double LrSchedule::at(std::int64_t it) const {
-  if (it < warmup_iters) return lr * static_cast<double>(it + 1) / static_cast<double>(warmup_iters);
+  if (it < warmup_iters)
+    return lr * static_cast<double>(it + 1) / static_cast<double>(warmup_iters);
   if (style == DecayStyle::Constant) return lr;
   if (it >= decay_iters) return min_lr;
   const double progress =

@@ -11,17 +11,20 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/backend_factory.h"
 #include "kernels/host/host_backend.h"
 
 namespace fastllm::test {
 
 inline std::vector<std::string> backend_names() {
-  return {"host"};
+  return built_backends();
 }
 
+// CUDA runs the tests in fp32 (TF32 off), held to the host's tolerances.
 inline std::shared_ptr<Backend> make_backend(const std::string& name) {
   if (name == "host") return std::make_shared<HostBackend>();
-  return nullptr;
+  if (!backend_available(name)) return nullptr;
+  return ::fastllm::make_backend(name, DType::F32);
 }
 
 class BackendTest : public ::testing::TestWithParam<std::string> {

@@ -1,0 +1,27 @@
+#pragma once
+// The backend a run computes on, chosen by name (the --backend flag) and compute dtype (--dtype).
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+
+namespace fastllm {
+
+// The backends this build has: "host", and "cuda" when it was built with CUDA.
+std::vector<std::string> built_backends();
+
+// True when the named backend can run here (for "cuda": built with CUDA and a device present).
+bool backend_available(const std::string& name);
+
+// "fp32" (or "f32") -> F32, "bf16" -> BF16; anything else is a UserError naming --dtype.
+DType parse_compute_dtype(const std::string& value);
+
+// "host" (F32 only) or "cuda" (BF16 by default, or F32 with exact fp32 math). Throws UserError
+// naming --backend for an unknown name, a build without CUDA or a machine without a GPU, and
+// naming --dtype for a dtype the backend does not compute in.
+std::unique_ptr<Backend> make_backend(const std::string& name,
+                                      std::optional<DType> compute = std::nullopt);
+
+}  // namespace fastllm

@@ -1,0 +1,161 @@
+#pragma once
+// The CUDA backend (DESIGN.md section 4): every op of kernels/backend.h on one GPU, one stream.
+// Each op's forward and backward live side by side in one file of this folder (attention.cu,
+// rmsnorm.cu, ...), as on the host.
+//
+// Dtypes: activations and weights may be F32 or BF16 (the backend's compute dtype says which the
+// model uses; F32 tensors are accepted in either mode); statistics (rstd, lse, maxima), router
+// probabilities and parameter gradients are F32. Arithmetic is F32 (reductions where the host
+// uses double use double or F32 tree sums); F32 GEMMs never use TF32.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "kernels/cuda/allocator.h"
+#include "kernels/cuda/cuda_backend.h"
+
+namespace fastllm::cuda {
+
+struct StreamDeleter {
+  void operator()(cudaStream_t s) const { cudaStreamDestroy(s); }
+};
+struct LtHandleDeleter {
+  void operator()(cublasLtHandle_t h) const { cublasLtDestroy(h); }
+};
+struct PinnedDeleter {
+  void operator()(void* p) const { cudaFreeHost(p); }
+};
+
+// A cuBLASLt matmul set up once per GEMM shape, dtype and pointer alignment.
+struct GemmPlan;
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(DType compute, int device);
+  ~CudaBackend() override;
+
+  std::string name() const override { return "cuda"; }
+  DType compute_dtype() const override { return compute_; }
+
+  Buffer allocate(std::size_t bytes) override;
+  void copy_from_host(Tensor dst, const void* src) override;
+  void copy_to_host(void* dst, Tensor src) override;
+  void copy(Tensor dst, Tensor src) override;
+  void fill(Tensor t, float value) override;
+  void synchronize() override;
+
+  void add(Tensor y, Tensor x, float alpha) override;
+  void scale(Tensor y, float alpha) override;
+  double sum_squares(Tensor x) override;
+
+  void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+            Tensor a, Tensor b, float beta, Tensor c) override;
+  void add_bias(Tensor y, Tensor bias) override;
+  void bias_backward(Tensor dy, Tensor dbias) override;
+
+  void embedding_forward(Tensor ids, Tensor table, std::int64_t vocab_offset, Tensor out) override;
+  void embedding_backward(Tensor ids, Tensor dout, std::int64_t vocab_offset,
+                          Tensor dtable) override;
+
+  void rmsnorm_forward(Tensor x, Tensor weight, float eps, Tensor y, Tensor rstd) override;
+  void rmsnorm_backward(Tensor x, Tensor weight, Tensor rstd, Tensor dy, Tensor dx,
+                        Tensor dweight) override;
+  void layernorm_forward(Tensor x, Tensor weight, Tensor bias, float eps, Tensor y, Tensor mean,
+                         Tensor rstd) override;
+  void layernorm_backward(Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor dy, Tensor dx,
+                          Tensor dweight, Tensor dbias) override;
+
+  void rope(Tensor x, double theta, bool inverse) override;
+
+  void attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
+                         Tensor lse) override;
+  void attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout,
+                          std::int64_t window, Tensor dq, Tensor dk, Tensor dv) override;
+
+  void activation_forward(Activation kind, Tensor x, Tensor y) override;
+  void activation_backward(Activation kind, Tensor x, Tensor dy, Tensor dx) override;
+  void gated_forward(Activation kind, Tensor gate, Tensor up, Tensor y) override;
+  void gated_backward(Activation kind, Tensor gate, Tensor up, Tensor dy, Tensor dgate,
+                      Tensor dup) override;
+
+  void cross_entropy_stats(Tensor logits, Tensor targets, std::int64_t vocab_offset, Tensor row_max,
+                           Tensor row_sumexp, Tensor target_logit) override;
+  void cross_entropy_backward(Tensor logits, Tensor targets, std::int64_t vocab_offset,
+                              Tensor row_max, Tensor row_sumexp, float grad_scale,
+                              Tensor dlogits) override;
+
+  void router_forward(Tensor logits, int top_k, Tensor probs, Tensor topk_index,
+                      Tensor topk_weight) override;
+  void router_backward(Tensor probs, Tensor topk_index, Tensor dtopk_weight,
+                       Tensor dprob_per_expert, Tensor dlogits) override;
+  void router_statistics(Tensor probs, Tensor topk_index, Tensor counts, Tensor prob_sums) override;
+  std::vector<std::int64_t> moe_permute(Tensor topk_index, int experts, Tensor sorted_token,
+                                        Tensor sorted_slot) override;
+  void gather_rows(Tensor src, Tensor index, Tensor dst) override;
+  void scatter_add_rows(Tensor src, Tensor index, Tensor weight, Tensor dst) override;
+  void scale_rows(Tensor y, Tensor weight) override;
+  void dot_rows_gathered(Tensor a, Tensor b, Tensor index, Tensor out) override;
+
+  void adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr, float beta1,
+             float beta2, float eps, float weight_decay, std::int64_t step,
+             float grad_scale) override;
+
+  // ---- for the op files ----
+  cudaStream_t stream() const { return stream_.get(); }
+  int device() const { return device_; }
+  int multiprocessors() const { return multiprocessors_; }
+  std::size_t max_shared_per_block() const { return max_shared_per_block_; }
+  CudaMemoryStats memory_stats() const { return allocator_->stats(); }
+  // Device memory for one op's intermediates; released to the cache when the Buffer goes, which
+  // is safe because later work runs after the op on the same stream.
+  Buffer scratch(std::size_t bytes) { return allocator_->allocate(bytes); }
+  // A flag kernels set (to any non-zero value) when an index is out of range; check_flag waits
+  // for the stream and throws invalid_argument naming op and what when it was set.
+  int* index_flag() const { return static_cast<int*>(flag_.get()); }
+  void check_flag(const char* op, const char* what);
+  // Device cos/sin tables [seq, dim / 2] of the rotary embedding, built as the host backend does.
+  const float* rope_table(double theta, std::int64_t seq, std::int64_t dim, bool want_sin);
+
+ private:
+  void gemm_lt(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+               float alpha, Tensor a, Tensor b, float beta, Tensor c);
+  GemmPlan* gemm_plan(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                      const Tensor& a, const Tensor& b, const Tensor& c);
+
+  DType compute_;
+  int device_ = 0;
+  int multiprocessors_ = 0;
+  // Attention on the tensor cores where the kernels take the case (FASTLLM_CUDA_ATTENTION=simt
+  // turns them off, for comparison).
+  bool tensor_core_attention_ = true;
+  std::size_t max_shared_per_block_ = 0;
+  std::shared_ptr<CachingAllocator> allocator_;
+  std::unique_ptr<CUstream_st, StreamDeleter> stream_;
+  std::unique_ptr<cublasLtContext, LtHandleDeleter> lt_;
+  std::unique_ptr<void, PinnedDeleter> flag_;
+  Buffer gemm_workspace_;
+  std::map<
+      std::tuple<int, int, std::int64_t, std::int64_t, std::int64_t, int, int, int, int, int, int>,
+      std::unique_ptr<GemmPlan>>
+      gemm_plans_;
+  struct RopeTables {
+    double theta = 0;
+    std::int64_t seq = 0;
+    std::int64_t dim = 0;
+    Buffer cos, sin;
+  };
+  RopeTables rope_;
+};
+
+// The backend behind a Backend&, or invalid_argument.
+CudaBackend& as_cuda(Backend& backend);
+
+}  // namespace fastllm::cuda

@@ -1,0 +1,29 @@
+#pragma once
+// One cuBLASLt matmul configured for a shape, dtypes and pointer alignments: made on the first
+// GEMM of that kind and reused for every later one.
+#include <cublasLt.h>
+
+#include <memory>
+#include <type_traits>
+
+namespace fastllm::cuda {
+
+struct MatmulDescDeleter {
+  void operator()(cublasLtMatmulDesc_t d) const { cublasLtMatmulDescDestroy(d); }
+};
+struct LayoutDeleter {
+  void operator()(cublasLtMatrixLayout_t l) const { cublasLtMatrixLayoutDestroy(l); }
+};
+using MatmulDesc = std::unique_ptr<std::remove_pointer_t<cublasLtMatmulDesc_t>, MatmulDescDeleter>;
+using Layout = std::unique_ptr<std::remove_pointer_t<cublasLtMatrixLayout_t>, LayoutDeleter>;
+
+struct GemmPlan {
+  MatmulDesc desc;
+  Layout a, b, c;  // cuBLASLt's A, B, C (= D), column-major
+  cublasLtMatmulAlgo_t algo{};
+  // No cuBLASLt algorithm takes this case (odd leading dimensions or alignments): the backend's
+  // own tiled kernel runs it instead.
+  bool fallback = false;
+};
+
+}  // namespace fastllm::cuda

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The decisions of jobs/common.sh (when a job is finished, requeued, stopped or failed; which
+# --train_iters it trains to) and the GPU each rank picks in jobs/fastllm_rank.sh, checked against
+# cases written out by hand.
+#   tests/jobs/test_job_functions.sh
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=jobs/common.sh
+source "$root/jobs/common.sh"
+
+failures=0
+expect() {
+  local name=$1 expected=$2 actual=$3
+  if [[ $expected != "$actual" ]]; then
+    echo "FAIL $name: expected '$expected', got '$actual'"
+    failures=$((failures + 1))
+  else
+    echo "ok   $name"
+  fi
+}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# Newest complete checkpoint: temporary files of an interrupted save and other names do not count.
+expect "latest of a missing folder" -1 "$(fastllm_latest_iteration "$work/missing")"
+mkdir "$work/empty"
+expect "latest of an empty folder" -1 "$(fastllm_latest_iteration "$work/empty")"
+mkdir "$work/partial"
+touch "$work/partial/checkpoint-00000010.h5" "$work/partial/checkpoint-00000200.h5" \
+  "$work/partial/checkpoint-00000300.h5.tmp" "$work/partial/checkpoint-latest.h5" \
+  "$work/partial/metrics.jsonl"
+mkdir "$work/partial/checkpoint-00000900.h5"
+expect "latest skips .tmp, folders and other names" 200 \
+  "$(fastllm_latest_iteration "$work/partial")"
+mkdir "$work/final"
+touch "$work/final/checkpoint-00000800.h5" "$work/final/checkpoint-00001000.h5"
+expect "latest of a finished run" 1000 "$(fastllm_latest_iteration "$work/final")"
+mkdir "$work/wide"
+touch "$work/wide/checkpoint-00000999.h5" "$work/wide/checkpoint-123456789.h5"
+expect "latest past 8 digits" 123456789 "$(fastllm_latest_iteration "$work/wide")"
+
+# fastllm_next_action SAVE_DIR TRAIN_ITERS RC SIGNAL RESTARTS MAX_RESTARTS
+expect "final checkpoint after USR1 is done" "done" \
+  "$(fastllm_next_action "$work/final" 1000 0 USR1 0 5)"
+expect "final checkpoint without a signal is done" "done" \
+  "$(fastllm_next_action "$work/final" 1000 0 "" 0 5)"
+expect "a checkpoint beyond --train_iters is done" "done" \
+  "$(fastllm_next_action "$work/final" 900 0 "" 0 5)"
+expect "USR1 before the end requeues" requeue \
+  "$(fastllm_next_action "$work/partial" 1000 0 USR1 0 5)"
+expect "USR1 with a crashed save still requeues" requeue \
+  "$(fastllm_next_action "$work/partial" 1000 137 USR1 4 5)"
+expect "USR1 with no checkpoint at all requeues" requeue \
+  "$(fastllm_next_action "$work/empty" 1000 0 USR1 0 5)"
+expect "USR1 after MAX_RESTARTS requeues gives up" give_up \
+  "$(fastllm_next_action "$work/partial" 1000 0 USR1 5 5)"
+expect "TERM (cancel, preemption) stops" stopped \
+  "$(fastllm_next_action "$work/partial" 1000 0 TERM 0 5)"
+expect "TERM with a failed exit stops" stopped \
+  "$(fastllm_next_action "$work/partial" 1000 143 TERM 0 5)"
+expect "exit 0 before the end without a signal stops" stopped \
+  "$(fastllm_next_action "$work/partial" 1000 0 "" 0 5)"
+expect "a failure without a signal fails" failed \
+  "$(fastllm_next_action "$work/partial" 1000 2 "" 0 5)"
+expect "a failure on a fresh folder fails" failed \
+  "$(fastllm_next_action "$work/missing" 1000 1 "" 0 5)"
+
+# --train_iters: the command line wins over the YAML file, the last flag wins.
+printf 'batch_size: 8\ntrain_iters: 250  # steps\n' >"$work/run.yaml"
+printf 'train_iters: "0300"\n' >"$work/quoted.yaml"
+printf 'lr: 1e-4\n' >"$work/none.yaml"
+expect "train_iters from --flag=value" 40 "$(fastllm_train_iters "" --lr=1 --train_iters=40)"
+expect "train_iters from --flag value" 41 "$(fastllm_train_iters "" --train_iters 41 --lr 1)"
+expect "train_iters last flag wins" 43 "$(fastllm_train_iters "" --train_iters=42 --train_iters=43)"
+expect "train_iters from the YAML file" 250 "$(fastllm_train_iters "$work/run.yaml")"
+expect "train_iters quoted in YAML" 300 "$(fastllm_train_iters "$work/quoted.yaml")"
+expect "train_iters flag over YAML" 7 "$(fastllm_train_iters "$work/run.yaml" --train_iters=7)"
+fastllm_train_iters "$work/none.yaml" --lr=1 >/dev/null
+expect "train_iters missing is an error" 1 "$?"
+fastllm_train_iters "" --train_iters=ten >/dev/null
+expect "train_iters not a number is an error" 1 "$?"
+
+expect "walltime HH:MM:SS" 86400 "$(fastllm_hms_to_seconds 24:00:00)"
+expect "walltime MM:SS" 90 "$(fastllm_hms_to_seconds 1:30)"
+expect "walltime SS" 45 "$(fastllm_hms_to_seconds 45)"
+expect "walltime leading zeros" 3723 "$(fastllm_hms_to_seconds 01:02:03)"
+fastllm_hms_to_seconds 1:2:3:4 >/dev/null
+expect "walltime with four fields is an error" 1 "$?"
+fastllm_hms_to_seconds 1h >/dev/null
+expect "walltime with a unit is an error" 1 "$?"
+
+# The template owns --load/--save/--config.
+message=$( (fastllm_check_args --lr=1 --save=/x) 2>&1)
+expect "FASTLLM_ARGS --save is rejected" 2 "$( (fastllm_check_args --save=/x) 2>/dev/null; echo $?)"
+expect "the rejection names the flag" 1 "$(grep -c -- "--save" <<<"$message")"
+expect "FASTLLM_ARGS --load is rejected" 2 "$( (fastllm_check_args --load /x) 2>/dev/null; echo $?)"
+expect "FASTLLM_ARGS --config is rejected" 2 \
+  "$( (fastllm_check_args --config=a.yaml) 2>/dev/null; echo $?)"
+expect "other flags pass" 0 "$( (fastllm_check_args --lr=1 --saved=2) 2>/dev/null; echo $?)"
+
+fastllm_split_args "  --a=1   --b  2 "
+expect "FASTLLM_ARGS split on whitespace" "3:--a=1|--b|2" \
+  "${#FASTLLM_ARGV[@]}:$(IFS='|'; echo "${FASTLLM_ARGV[*]}")"
+fastllm_split_args ""
+expect "empty FASTLLM_ARGS" 0 "${#FASTLLM_ARGV[@]}"
+
+fastllm_train_command /j /bin/fastllm /c.yaml /s --lr=1
+expect "per-rank command" \
+  "/j/fastllm_rank.sh /bin/fastllm train --config=/c.yaml --lr=1 --load=/s --save=/s" \
+  "${FASTLLM_COMMAND[*]}"
+fastllm_train_command /j /bin/fastllm "" /s
+expect "per-rank command without a config" \
+  "/j/fastllm_rank.sh /bin/fastllm train --load=/s --save=/s" \
+  "${FASTLLM_COMMAND[*]}"
+
+# The quoted launch line reads back as the same words.
+words=(srun "--ntasks=4" "a b" "it's" "x,y" "\$HOME")
+read_back=()
+eval "read_back=($(fastllm_quote "${words[@]}"))"
+expect "quoted line reads back" "$(printf '<%s>' "${words[@]}")" \
+  "$(printf '<%s>' "${read_back[@]}")"
+expect "plain words stay unquoted" "srun --ntasks=4 --host=a:8,b:8" \
+  "$(fastllm_quote srun --ntasks=4 --host=a:8,b:8)"
+
+# GPU of each rank: the MPI launcher's local rank first, a position in a visible list, or as is.
+rank_gpu() {
+  env -u OMPI_COMM_WORLD_LOCAL_RANK -u MPI_LOCALRANKID -u SLURM_LOCALID -u CUDA_VISIBLE_DEVICES \
+    "$@" "$root/jobs/fastllm_rank.sh" printenv CUDA_VISIBLE_DEVICES
+}
+expect "SLURM_LOCALID picks the GPU" 3 "$(rank_gpu SLURM_LOCALID=3)"
+expect "Open MPI local rank picks the GPU" 5 "$(rank_gpu OMPI_COMM_WORLD_LOCAL_RANK=5)"
+expect "Open MPI local rank wins over the batch step's SLURM_LOCALID" 2 \
+  "$(rank_gpu SLURM_LOCALID=0 OMPI_COMM_WORLD_LOCAL_RANK=2)"
+expect "position in the visible list" 6 \
+  "$(rank_gpu OMPI_COMM_WORLD_LOCAL_RANK=2 CUDA_VISIBLE_DEVICES=4,5,6,7)"
+expect "a single visible GPU is kept" 5 "$(rank_gpu SLURM_LOCALID=3 CUDA_VISIBLE_DEVICES=5)"
+expect "no local rank means GPU 0" 0 "$(rank_gpu)"
+rank_gpu SLURM_LOCALID=x >/dev/null 2>&1
+expect "a bad local rank is an error" 2 "$?"
+# shellcheck disable=SC2016  # the inner bash expands $1 and $2
+expect "the wrapper passes arguments and exit status" "a b|3" \
+  "$("$root/jobs/fastllm_rank.sh" bash -c 'printf "%s %s" "$1" "$2"; exit 3' - a b; echo "|$?")"
+
+if ((failures > 0)); then
+  echo "$failures check(s) failed"
+  exit 1
+fi
+echo "all checks passed"
