@@ -34,11 +34,16 @@ fi
 
 if ! "$VENV/bin/python" -c 'import torch, transformers' 2>/dev/null; then
   python3 -m venv "$VENV"
-  # torch without its CUDA packages (over 3 GB) where the CUDA libraries it links against are
-  # found anyway; with them otherwise. Either runs on the CPU.
+  # PyPI's torch is the CUDA build, which runs on the CPU too. Its CUDA packages are over 3 GB:
+  # where a CUDA 13 installation provides most of the libraries it links against, the three it
+  # lacks are enough; otherwise all of them.
   "$VENV/bin/pip" install -q --no-deps "torch==$TORCH_VERSION"
   "$VENV/bin/pip" install -q filelock typing-extensions sympy networkx jinja2 fsspec numpy \
     "transformers==$TRANSFORMERS_VERSION"
+  if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+    "$VENV/bin/pip" install -q --no-deps nvidia-cufile==1.15.1.6 nvidia-cusparselt-cu13==0.8.0 \
+      nvidia-nvshmem-cu13==3.4.5
+  fi
   if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
     "$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
   fi

@@ -12,42 +12,109 @@ constexpr auto kInvSqrt2 = static_cast<float>(1.0 / std::numbers::sqrt2);
 // 1 / sqrt(2 pi), the standard normal density at 0.
 constexpr auto kInvSqrt2Pi = static_cast<float>(std::numbers::inv_sqrtpi / std::numbers::sqrt2);
 
-// act(x) and act'(x). GeLU is the exact erf form (transformers' "gelu"), not the tanh estimate.
-template <Activation K>
-float act(float x) {
-  if constexpr (K == Activation::SiLU) {
-    return x / (1.0f + std::exp(-x));
-  } else {
-    return 0.5f * x * (1.0f + std::erf(x * kInvSqrt2));
+// SiLU, x sigmoid(x), and its derivative on one lane; exp_lane lets the loops vectorise.
+inline float silu(float x) {
+  return x / (1.0f + host::exp_lane(-x));
+}
+
+inline float silu_grad(float x) {
+  const float s = 1.0f / (1.0f + host::exp_lane(-x));
+  return s * (1.0f + x * (1.0f - s));
+}
+
+// GeLU, the exact erf form (transformers' "gelu"), not the tanh estimate, and its derivative.
+// glibc has no vector erf, so its loops stay scalar.
+float gelu(float x) {
+  return 0.5f * x * (1.0f + std::erf(x * kInvSqrt2));
+}
+
+float gelu_grad(float x) {
+  const float cdf = 0.5f * (1.0f + std::erf(x * kInvSqrt2));
+  return cdf + x * kInvSqrt2Pi * std::exp(-0.5f * x * x);
+}
+
+// The loops over one thread's range of n elements. Outputs may alias inputs index for index, so
+// each iteration reads all of its inputs before it writes.
+FASTLLM_VECTOR_CLONES
+void silu_forward(const float* x, float* y, std::int64_t n) {
+#pragma omp simd
+  for (std::int64_t i = 0; i < n; ++i)
+    y[i] = silu(x[i]);
+}
+
+FASTLLM_VECTOR_CLONES
+void silu_backward(const float* x, const float* dy, float* dx, std::int64_t n) {
+#pragma omp simd
+  for (std::int64_t i = 0; i < n; ++i)
+    dx[i] = dy[i] * silu_grad(x[i]);
+}
+
+FASTLLM_VECTOR_CLONES
+void swiglu_forward(const float* gate, const float* up, float* y, std::int64_t n) {
+#pragma omp simd
+  for (std::int64_t i = 0; i < n; ++i)
+    y[i] = silu(gate[i]) * up[i];
+}
+
+FASTLLM_VECTOR_CLONES
+void swiglu_backward(const float* gate, const float* up, const float* dy, float* dgate, float* dup,
+                     std::int64_t n) {
+#pragma omp simd
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    const float u = up[i];
+    const float d = dy[i];
+    // One exponential for both outputs: silu(g) = g / (1 + e), sigmoid(g) = 1 / (1 + e).
+    const float e = host::exp_lane(-g);
+    const float s = 1.0f / (1.0f + e);
+    dgate[i] = d * u * (s * (1.0f + g * (1.0f - s)));
+    dup[i] = d * (g / (1.0f + e));
   }
 }
 
-template <Activation K>
-float act_grad(float x) {
-  if constexpr (K == Activation::SiLU) {
-    const float s = 1.0f / (1.0f + std::exp(-x));
-    return s * (1.0f + x * (1.0f - s));
-  } else {
-    const float cdf = 0.5f * (1.0f + std::erf(x * kInvSqrt2));
-    return cdf + x * kInvSqrt2Pi * std::exp(-0.5f * x * x);
+void gelu_forward(const float* x, float* y, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i)
+    y[i] = gelu(x[i]);
+}
+
+void gelu_backward(const float* x, const float* dy, float* dx, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i)
+    dx[i] = dy[i] * gelu_grad(x[i]);
+}
+
+void geglu_forward(const float* gate, const float* up, float* y, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i)
+    y[i] = gelu(gate[i]) * up[i];
+}
+
+void geglu_backward(const float* gate, const float* up, const float* dy, float* dgate, float* dup,
+                    std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    const float u = up[i];
+    const float d = dy[i];
+    dgate[i] = d * u * gelu_grad(g);
+    dup[i] = d * gelu(g);
   }
 }
 
-// Runs body.template operator()<K>() for the runtime kind.
+// Splits [0, n) into one contiguous range per thread and calls body(begin, count) on each.
 template <class Body>
-void dispatch(Activation kind, Body&& body) {
-  switch (kind) {
-    case Activation::SiLU:
-      body.template operator()<Activation::SiLU>();
-      return;
-    case Activation::GeLU:
-      body.template operator()<Activation::GeLU>();
-      return;
+void parallel_ranges(std::int64_t n, Body&& body) {
+#pragma omp parallel if (n > kParallelMin)
+  {
+    const std::int64_t threads = omp_get_num_threads();
+    const std::int64_t t = omp_get_thread_num();
+    const std::int64_t begin = n * t / threads;
+    const std::int64_t end = n * (t + 1) / threads;
+    if (end > begin) body(begin, end - begin);
   }
-  host::fail("activation", "unknown activation kind");
 }
 
-void require_f32(const char* op, std::initializer_list<const Tensor*> tensors, std::int64_t n) {
+void require_f32(const char* op, Activation kind, std::initializer_list<const Tensor*> tensors,
+                 std::int64_t n) {
+  if (kind != Activation::SiLU && kind != Activation::GeLU)
+    host::fail(op, "unknown activation kind");
   for (const Tensor* t : tensors) {
     host::require_dtype(*t, DType::F32, op, "a tensor");
     host::require_numel(*t, n, op, "a tensor");
@@ -58,60 +125,62 @@ void require_f32(const char* op, std::initializer_list<const Tensor*> tensors, s
 
 void HostBackend::activation_forward(Activation kind, Tensor x, Tensor y) {
   const std::int64_t n = x.numel();
-  require_f32("activation_forward", {&x, &y}, n);
+  require_f32("activation_forward", kind, {&x, &y}, n);
   const float* in = x.as<float>();
   float* out = y.as<float>();
-  dispatch(kind, [&]<Activation K>() {
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
-    for (std::int64_t i = 0; i < n; ++i)
-      out[i] = act<K>(in[i]);
+  parallel_ranges(n, [&](std::int64_t b, std::int64_t c) {
+    if (kind == Activation::SiLU) {
+      silu_forward(in + b, out + b, c);
+    } else {
+      gelu_forward(in + b, out + b, c);
+    }
   });
 }
 
 void HostBackend::activation_backward(Activation kind, Tensor x, Tensor dy, Tensor dx) {
   const std::int64_t n = x.numel();
-  require_f32("activation_backward", {&x, &dy, &dx}, n);
+  require_f32("activation_backward", kind, {&x, &dy, &dx}, n);
   const float* in = x.as<float>();
   const float* grad = dy.as<float>();
   float* out = dx.as<float>();
-  dispatch(kind, [&]<Activation K>() {
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
-    for (std::int64_t i = 0; i < n; ++i)
-      out[i] = grad[i] * act_grad<K>(in[i]);
+  parallel_ranges(n, [&](std::int64_t b, std::int64_t c) {
+    if (kind == Activation::SiLU) {
+      silu_backward(in + b, grad + b, out + b, c);
+    } else {
+      gelu_backward(in + b, grad + b, out + b, c);
+    }
   });
 }
 
 void HostBackend::gated_forward(Activation kind, Tensor gate, Tensor up, Tensor y) {
   const std::int64_t n = gate.numel();
-  require_f32("gated_forward", {&gate, &up, &y}, n);
+  require_f32("gated_forward", kind, {&gate, &up, &y}, n);
   const float* g = gate.as<float>();
   const float* u = up.as<float>();
   float* out = y.as<float>();
-  dispatch(kind, [&]<Activation K>() {
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
-    for (std::int64_t i = 0; i < n; ++i)
-      out[i] = act<K>(g[i]) * u[i];
+  parallel_ranges(n, [&](std::int64_t b, std::int64_t c) {
+    if (kind == Activation::SiLU) {
+      swiglu_forward(g + b, u + b, out + b, c);
+    } else {
+      geglu_forward(g + b, u + b, out + b, c);
+    }
   });
 }
 
 void HostBackend::gated_backward(Activation kind, Tensor gate, Tensor up, Tensor dy, Tensor dgate,
                                  Tensor dup) {
   const std::int64_t n = gate.numel();
-  require_f32("gated_backward", {&gate, &up, &dy, &dgate, &dup}, n);
+  require_f32("gated_backward", kind, {&gate, &up, &dy, &dgate, &dup}, n);
   const float* g = gate.as<float>();
   const float* u = up.as<float>();
   const float* grad = dy.as<float>();
   float* dg = dgate.as<float>();
   float* du = dup.as<float>();
-  dispatch(kind, [&]<Activation K>() {
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
-    for (std::int64_t i = 0; i < n; ++i) {
-      // Read everything first: dgate or dup may share memory with gate, up or dy.
-      const float gv = g[i];
-      const float uv = u[i];
-      const float dyv = grad[i];
-      dg[i] = dyv * uv * act_grad<K>(gv);
-      du[i] = dyv * act<K>(gv);
+  parallel_ranges(n, [&](std::int64_t b, std::int64_t c) {
+    if (kind == Activation::SiLU) {
+      swiglu_backward(g + b, u + b, grad + b, dg + b, du + b, c);
+    } else {
+      geglu_backward(g + b, u + b, grad + b, dg + b, du + b, c);
     }
   });
 }

@@ -24,61 +24,7 @@ namespace {
 constexpr std::int64_t kTileRows = 128;  // packed query rows per tile (positions x group)
 constexpr std::int64_t kKeyBlock = 128;  // keys per block of the score matrix
 
-// The per-block softmax loops are compiled for AVX-512 and AVX2 besides the baseline, and the
-// loader picks the best one the CPU runs (the vectoriser runs after cloning, so each is vectorised
-// at its own width).
-#if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define FASTLLM_VECTOR_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-#endif
-#ifndef FASTLLM_VECTOR_CLONES
-#define FASTLLM_VECTOR_CLONES
-#endif
-
-// GCC does not if-convert selects on floats under the default -ftrapping-math (nor some integer
-// ternaries), which would leave these loops scalar: every select below is bit-mask arithmetic.
-
-// e^x to about 2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
-// (truncation under 1e-8 relative), 2^n through the exponent bits. x < -87 gives 0, x > 88
-// saturates at e^88, NaN stays NaN.
-inline float exp_lane(float x) {
-  constexpr std::uint32_t kLowest = 0xC2AE0000u;  // -87.0f; bit patterns up to -inf lie below it
-  constexpr std::uint32_t kMinusInfinity = 0xFF800000u;
-  constexpr std::uint32_t kHighest = 0x42B00000u;  // 88.0f; bit patterns up to +inf lie above it
-  constexpr std::uint32_t kInfinity = 0x7F800000u;
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2High = 0.693359375f;  // few mantissa bits, so n * kLn2High is exact
-  constexpr float kLn2Low = -2.12194440054690583e-4f;
-  constexpr float kRoundToInteger = 12582912.0f;  // 1.5 * 2^23
-  std::uint32_t bits = std::bit_cast<std::uint32_t>(x);
-  const std::uint32_t under =
-      0u - static_cast<std::uint32_t>((bits > kLowest) & (bits <= kMinusInfinity));
-  const std::uint32_t over =
-      0u - static_cast<std::uint32_t>((bits > kHighest) & (bits <= kInfinity));
-  bits = (bits & ~(under | over)) | (kLowest & under) | (kHighest & over);
-  const float t = std::bit_cast<float>(bits);
-  const float n = (t * kLog2e + kRoundToInteger) - kRoundToInteger;
-  const float r = (t - n * kLn2High) - n * kLn2Low;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const std::uint32_t two_to_n = static_cast<std::uint32_t>(static_cast<std::int32_t>(n) + 127)
-                                 << 23;
-  return p * std::bit_cast<float>(two_to_n & ~under);
-}
-
-// An int32 whose order is the float order (NaN aside): negative floats get their magnitude bits
-// flipped. Its own inverse.
-inline std::int32_t ordered_bits(std::int32_t i) {
-  return i ^ ((i >> 31) & 0x7fffffff);
-}
+// The per-block softmax loops are vectorised at each width FASTLLM_VECTOR_CLONES names.
 
 // The forward's online-softmax step on one block of scores [rows, n]: the visible scores [lo, hi)
 // of each row become exp(score - new row max), the rest 0; where the row max grows, the running
@@ -96,14 +42,14 @@ void softmax_step(float* scores, std::int64_t n, std::int64_t rows, const std::i
     if (first == end) continue;
     std::int32_t max_bits = std::numeric_limits<std::int32_t>::min();
     for (std::int64_t c = first; c < end; ++c)
-      max_bits = std::max(max_bits, ordered_bits(std::bit_cast<std::int32_t>(s[c])));
-    const float block_max = std::bit_cast<float>(ordered_bits(max_bits));
+      max_bits = std::max(max_bits, host::ordered_bits(std::bit_cast<std::int32_t>(s[c])));
+    const float block_max = std::bit_cast<float>(host::ordered_bits(max_bits));
     const float old_max = row_max[r];
     const float new_max = std::max(old_max, block_max);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (std::int64_t c = first; c < end; ++c) {
-      const float e = exp_lane(s[c] - new_max);
+      const float e = host::exp_lane(s[c] - new_max);
       s[c] = e;
       sum += e;
     }
@@ -138,7 +84,7 @@ void gradient_step(float* scores, float* dscores, std::int64_t n, std::int64_t r
     const float lse = row_lse[r];
     const float delta = row_delta[r];
     for (std::int64_t c = first; c < end; ++c) {
-      const float p = exp_lane(s[c] - lse);
+      const float p = host::exp_lane(s[c] - lse);
       s[c] = p;
       ds[c] = p * (ds[c] - delta);
     }

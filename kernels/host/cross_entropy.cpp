@@ -1,10 +1,45 @@
-#include <cmath>
+#include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <limits>
 
 #include "kernels/host/host_backend.h"
 #include "kernels/host/host_util.h"
 
 namespace fastllm {
+namespace {
+
+// The row loops over the vocabulary, vectorised (FASTLLM_VECTOR_CLONES): the exponentials are most
+// of a loss evaluation outside the LM head's GEMM.
+
+// The largest value of the row (a NaN in it may be returned instead).
+FASTLLM_VECTOR_CLONES
+float row_maximum(const float* row, std::int64_t n) {
+  std::int32_t max_bits = std::numeric_limits<std::int32_t>::min();
+  for (std::int64_t j = 0; j < n; ++j)
+    max_bits = std::max(max_bits, host::ordered_bits(std::bit_cast<std::int32_t>(row[j])));
+  return std::bit_cast<float>(host::ordered_bits(max_bits));
+}
+
+// sum_j exp(row[j] - shift), accumulated in double.
+FASTLLM_VECTOR_CLONES
+double row_sum_exp(const float* row, std::int64_t n, float shift) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (std::int64_t j = 0; j < n; ++j)
+    sum += static_cast<double>(host::exp_lane(row[j] - shift));
+  return sum;
+}
+
+// out[j] = exp(row[j] - shift) * scale; out may be row.
+FASTLLM_VECTOR_CLONES
+void row_scaled_exp(const float* row, std::int64_t n, float shift, float scale, float* out) {
+#pragma omp simd
+  for (std::int64_t j = 0; j < n; ++j)
+    out[j] = host::exp_lane(row[j] - shift) * scale;
+}
+
+}  // namespace
 
 void HostBackend::cross_entropy_stats(Tensor logits, Tensor targets, std::int64_t vocab_offset,
                                       Tensor row_max, Tensor row_sumexp, Tensor target_logit) {
@@ -26,16 +61,9 @@ void HostBackend::cross_entropy_stats(Tensor logits, Tensor targets, std::int64_
 #pragma omp parallel for schedule(static) if (rows * vocab > (1 << 14))
   for (std::int64_t r = 0; r < rows; ++r) {
     const float* lr = in + r * vocab;
-    float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-    for (std::int64_t j = 0; j < vocab; ++j)
-      m = lr[j] > m ? lr[j] : m;
-    double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-    for (std::int64_t j = 0; j < vocab; ++j)
-      sum += std::exp(lr[j] - m);
+    const float m = vocab > 0 ? row_maximum(lr, vocab) : -std::numeric_limits<float>::infinity();
     max_out[r] = m;
-    sum_out[r] = static_cast<float>(sum);
+    sum_out[r] = static_cast<float>(row_sum_exp(lr, vocab, m));
     const std::int64_t local = static_cast<std::int64_t>(target[r]) - vocab_offset;
     target_out[r] = target[r] >= 0 && local >= 0 && local < vocab ? lr[local] : 0.0f;
   }
@@ -73,8 +101,7 @@ void HostBackend::cross_entropy_backward(Tensor logits, Tensor targets, std::int
     }
     const float m = max_in[r];
     const float scale = grad_scale / sum_in[r];
-    for (std::int64_t j = 0; j < vocab; ++j)
-      dr[j] = std::exp(lr[j] - m) * scale;
+    row_scaled_exp(lr, vocab, m, scale, dr);
     const std::int64_t local = static_cast<std::int64_t>(target[r]) - vocab_offset;
     if (local >= 0 && local < vocab) dr[local] -= grad_scale;
   }

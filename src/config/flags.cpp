@@ -98,8 +98,9 @@ const std::vector<FlagSpec> kProbe = {
 
 const FlagSpec kSave{"save", T::String, "",
                      "experiment folder checkpoints are written to (checkpoint-<iteration>.h5)"};
-const FlagSpec kLoad{"load", T::String, "",
-                     "checkpoint folder to start from (its newest complete checkpoint), or one file"};
+const FlagSpec kLoad{
+    "load", T::String, "",
+    "checkpoint folder to start from (its newest complete checkpoint), or one file"};
 
 const std::vector<FlagSpec> kConvert = {kSave};
 
