@@ -471,6 +471,32 @@ struct H5File::Impl {
     return " in " + in_quotes(disk_path());
   }
 
+  // Reads one hyperslab with the given transfer properties; with a collective transfer an empty
+  // slab still takes part (selecting nothing).
+  void read_hyperslab(const std::string& name, H5DType dtype,
+                      const std::vector<std::int64_t>& offset,
+                      const std::vector<std::int64_t>& count, void* out, hid_t transfer) {
+    const std::string full = normalize(name);
+    Id dataset = open_dataset(full);
+    const H5DType stored = stored_dtype(dataset.get(), full);
+    if (stored != dtype) {
+      throw UserError("dataset " + in_quotes(full) + in_file() + " holds " + h5_dtype_name(stored) +
+                      ", expected " + h5_dtype_name(dtype));
+    }
+    const std::int64_t elements = check_slab<UserError>(
+        "dataset " + in_quotes(full) + in_file(), stored_shape(dataset.get(), full), offset, count);
+    if (elements == 0 && transfer == H5P_DEFAULT) return;
+    auto [file_space, memory_space] = slab_spaces(dataset.get(), offset, count, elements);
+    std::byte placeholder{};  // HDF5 wants a buffer even when nothing is selected
+    if (!file_space.valid() ||
+        H5Dread(dataset.get(), memory_type(dtype), memory_space.get(), file_space.get(), transfer,
+                out != nullptr ? out : &placeholder) < 0) {
+      throw UserError("cannot read the slab at " + format_dims(offset) + " of dataset " +
+                      in_quotes(full) + in_file() + ": " + h5_detail());
+    }
+    bytes_read += static_cast<std::uint64_t>(elements) * h5_dtype_size(dtype);
+  }
+
   // Runs fn on every rank; when it throws on any, every rank throws the exception of the lowest
   // failing rank, so all leave the collective call together.
   template <class Fn>
@@ -934,25 +960,26 @@ void H5File::commit() {
 void H5File::read_slab(const std::string& name, H5DType dtype,
                        const std::vector<std::int64_t>& offset,
                        const std::vector<std::int64_t>& count, void* out) {
-  Impl& im = Impl::reader(impl_, "read_slab");
-  const std::string full = normalize(name);
-  Id dataset = im.open_dataset(full);
-  const H5DType stored = im.stored_dtype(dataset.get(), full);
-  if (stored != dtype) {
-    throw UserError("dataset " + in_quotes(full) + im.in_file() + " holds " +
-                    h5_dtype_name(stored) + ", expected " + h5_dtype_name(dtype));
+  Impl::reader(impl_, "read_slab").read_hyperslab(name, dtype, offset, count, out, H5P_DEFAULT);
+}
+
+void H5File::read_slab_collective(const std::string& name, H5DType dtype,
+                                  const std::vector<std::int64_t>& offset,
+                                  const std::vector<std::int64_t>& count, void* out) {
+  Impl& im = Impl::reader(impl_, "read_slab_collective");
+  if (!im.parallel()) {
+    im.read_hyperslab(name, dtype, offset, count, out, H5P_DEFAULT);
+    return;
   }
-  const std::int64_t elements =
-      check_slab<UserError>("dataset " + in_quotes(full) + im.in_file(),
-                            im.stored_shape(dataset.get(), full), offset, count);
-  if (elements == 0) return;
-  auto [file_space, memory_space] = slab_spaces(dataset.get(), offset, count, elements);
-  if (!file_space.valid() || H5Dread(dataset.get(), memory_type(dtype), memory_space.get(),
-                                     file_space.get(), H5P_DEFAULT, out) < 0) {
-    throw UserError("cannot read the slab at " + format_dims(offset) + " of dataset " +
-                    in_quotes(full) + im.in_file() + ": " + h5_detail());
-  }
-  im.bytes_read += static_cast<std::uint64_t>(elements) * h5_dtype_size(dtype);
+#ifdef FASTLLM_PARALLEL_HDF5
+  im.agree([&] {
+    Id transfer(H5Pcreate(H5P_DATASET_XFER), H5Pclose);
+    if (!transfer.valid() || H5Pset_dxpl_mpio(transfer.get(), H5FD_MPIO_COLLECTIVE) < 0) {
+      throw std::runtime_error("cannot set up a collective transfer: " + h5_detail());
+    }
+    im.read_hyperslab(name, dtype, offset, count, out, transfer.get());
+  });
+#endif
 }
 
 std::string H5File::attr_string(const std::string& object, const std::string& key) const {

@@ -89,6 +89,12 @@ class H5File {
   // dataset is missing, holds another dtype, or the slab is outside its shape.
   void read_slab(const std::string& name, H5DType dtype, const std::vector<std::int64_t>& offset,
                  const std::vector<std::int64_t>& count, void* out);
+  // Collective: every rank reads its hyperslab of the same dataset in one call (a rank with nothing
+  // to read passes a count holding a 0), as one collective MPI-IO transfer with parallel HDF5 and
+  // as read_slab with serial HDF5. A failure on any rank is thrown on every rank.
+  void read_slab_collective(const std::string& name, H5DType dtype,
+                            const std::vector<std::int64_t>& offset,
+                            const std::vector<std::int64_t>& count, void* out);
   std::string attr_string(const std::string& object, const std::string& key) const;
   std::int64_t attr_int(const std::string& object, const std::string& key) const;
   double attr_double(const std::string& object, const std::string& key) const;

@@ -124,15 +124,48 @@ void read_part(H5File& file, const std::string& dataset, const StoredAs& s, cons
     slab.offset[axis + 1] += row0;
     slab.count[axis + 1] = row1 - row0;
     values.resize(static_cast<std::size_t>(volume(slab.count)));
-    file.read_slab(dataset, H5DType::F32, slab.offset, slab.count, values.data());
+    file.read_slab_collective(dataset, H5DType::F32, slab.offset, slab.count, values.data());
     values = transpose(values, p.shape[1], row1 - row0);
   } else {
     slab.offset[axis] += row0;
     slab.count[axis] = row1 - row0;
     values.resize(static_cast<std::size_t>(volume(slab.count)));
-    file.read_slab(dataset, H5DType::F32, slab.offset, slab.count, values.data());
+    file.read_slab_collective(dataset, H5DType::F32, slab.offset, slab.count, values.data());
   }
   std::copy(values.begin() + (begin - row0 * width), values.begin() + (end - row0 * width), out);
+}
+
+// One part of a parameter to read: its elements [begin, end) into out.
+struct PartRead {
+  const Parameter* parameter;
+  StoredAs stored;
+  std::int64_t begin, end;
+  float* out;
+};
+
+// Reads every part, dataset by dataset in the architecture's order, as collective reads: a rank
+// with fewer parts of a dataset than another joins that one's extra reads with empty selections,
+// so that all ranks make the same calls.
+void read_parts(H5File& file, const Architecture& arch, const std::string& group,
+                const std::vector<PartRead>& parts, MPI_Comm world) {
+  for (const auto& [dataset, stored] : datasets_of(arch)) {
+    std::vector<const PartRead*> mine;
+    for (const PartRead& part : parts) {
+      if (part.stored.dataset == dataset) mine.push_back(&part);
+    }
+    long long calls = static_cast<long long>(mine.size());
+    MPI_Allreduce(MPI_IN_PLACE, &calls, 1, MPI_LONG_LONG, MPI_MAX, world);
+    const std::string name = in_group(dataset, group);
+    const std::vector<std::int64_t> nothing(stored.dataset_shape.size(), 0);
+    for (long long i = 0; i < calls; ++i) {
+      if (i < static_cast<long long>(mine.size())) {
+        const PartRead& r = *mine[static_cast<std::size_t>(i)];
+        read_part(file, name, r.stored, *r.parameter, r.begin, r.end, r.out);
+      } else {
+        file.read_slab_collective(name, H5DType::F32, nothing, nothing, nullptr);
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -286,31 +319,34 @@ TrainState load_checkpoint(const std::string& path, Model& model, AdamW* optimiz
     }
   }
   std::uint64_t share = 0;
-  // Reads are independent, so a file damaged in one rank's slices fails on that rank alone: the
-  // ranks agree on the outcome before going on, so that they all move to another file together.
+  // A collective read that fails on one rank throws on all of them; the ranks still agree on the
+  // outcome of everything else here, so that they all move to another file together.
   std::string failure;
   try {
     // The weights: all of this rank's parameters.
     std::vector<float> flat(static_cast<std::size_t>(model.parameter_count()));
+    std::vector<PartRead> parts;
     for (const Parameter& p : model.parameters()) {
-      const StoredAs s = stored_as(arch, p.name);
-      read_part(file, s.dataset, s, p, 0, p.numel, flat.data() + p.offset);
-      model.write_weight(p, flat.data() + p.offset);
+      parts.push_back({&p, stored_as(arch, p.name), 0, p.numel, flat.data() + p.offset});
       share += static_cast<std::uint64_t>(p.numel) * sizeof(float);
     }
+    read_parts(file, arch, "/model", parts, ranks.world);
+    for (const Parameter& p : model.parameters())
+      model.write_weight(p, flat.data() + p.offset);
     if (optimizer) {
       const std::int64_t begin = optimizer->shard_begin(), end = optimizer->shard_end();
       optimizer->load(OptimizerState::Master, flat.data() + begin);
       // The moments: only this rank's shard of them.
       for (std::size_t k = 1; k < sections; ++k) {
         std::vector<float> values(static_cast<std::size_t>(end - begin));
+        parts.clear();
         for (const Parameter& p : model.parameters()) {
           const std::int64_t lo = std::max(begin, p.offset), hi = std::min(end, p.offset + p.numel);
-          if (lo >= hi) continue;
-          const StoredAs s = stored_as(arch, p.name);
-          read_part(file, in_group(s.dataset, kSections[k].group), s, p, lo - p.offset,
-                    hi - p.offset, values.data() + (lo - begin));
+          if (lo < hi)
+            parts.push_back({&p, stored_as(arch, p.name), lo - p.offset, hi - p.offset,
+                             values.data() + (lo - begin)});
         }
+        read_parts(file, arch, kSections[k].group, parts, ranks.world);
         optimizer->load(kSections[k].state, values.data());
         share += static_cast<std::uint64_t>(end - begin) * sizeof(float);
       }

@@ -137,6 +137,18 @@ void check_checkpoint(const std::string& path) {
     EXPECT_EQ(file.attr_int("/one", "writer"), 1);
   }
   EXPECT_EQ(file.bytes_read(), expected) << "rank " << rank;
+
+  // A collective read: every rank takes part, the last one with an empty selection.
+  const int previous = (rank + size - 1) % size;
+  const bool reads = rank != size - 1;
+  std::vector<float> collective(2 * 10);
+  file.read_slab_collective("/w", H5DType::F32, {reads ? 2 * previous : 0, 0}, {reads ? 2 : 0, 10},
+                            collective.data());
+  if (reads) {
+    EXPECT_TRUE(same_bits(collective, extract(w, w_shape, {2 * previous, 0}, {2, 10})));
+    expected += collective.size() * sizeof(float);
+  }
+  EXPECT_EQ(file.bytes_read(), expected) << "rank " << rank;
   EXPECT_EQ(file.attr_string("/", "config"), "{\"ranks\": " + std::to_string(size) + "}");
   EXPECT_EQ(file.dataset_dtype("/b"), H5DType::BF16);
   EXPECT_EQ(file.list_datasets("/per_rank").size(), static_cast<std::size_t>(size));
