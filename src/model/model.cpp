@@ -353,15 +353,19 @@ void Model::write_weight(const Parameter& p, const float* values) {
   backend_.copy(p.weight.view({p.numel}), staging.t);
 }
 
+void Model::copy_to_host_f32(float* out, Tensor src) {
+  if (src.dtype == DType::F32) {
+    backend_.copy_to_host(out, src);
+    return;
+  }
+  DeviceArray staging = allocate(DType::F32, {src.numel()});
+  backend_.copy(staging.t, src.view({src.numel()}));
+  backend_.copy_to_host(out, staging.t);
+}
+
 std::vector<float> Model::read_weight(const Parameter& p) {
   std::vector<float> out(static_cast<std::size_t>(p.numel));
-  if (p.weight.dtype == DType::F32) {
-    backend_.copy_to_host(out.data(), p.weight);
-  } else {
-    DeviceArray staging = allocate(DType::F32, {p.numel});
-    backend_.copy(staging.t, p.weight.view({p.numel}));
-    backend_.copy_to_host(out.data(), staging.t);
-  }
+  copy_to_host_f32(out.data(), p.weight);
   return out;
 }
 
@@ -679,15 +683,7 @@ void Model::loss_forward(ForwardState& st, const MicroBatch& mb, MicroBatchResul
   norm_forward(x_last, final_norm_, final_norm_bias_, st.xf.t, st.mean_f.t, st.rstd_f.t);
   st.logits = allocate(dt, {tokens, vocab_rows_});
   linear_forward(st.xf.t, lm_head_, nullptr, st.logits.t);
-  if (logits_out) {
-    if (st.logits.t.dtype == DType::F32) {
-      backend_.copy_to_host(logits_out, st.logits.t);
-    } else {
-      DeviceArray staging = allocate(DType::F32, {tokens, vocab_rows_});
-      backend_.copy(staging.t, st.logits.t);
-      backend_.copy_to_host(logits_out, staging.t);
-    }
-  }
+  if (logits_out) copy_to_host_f32(logits_out, st.logits.t);
 
   st.row_max = allocate(DType::F32, {tokens});
   st.row_sumexp = allocate(DType::F32, {tokens});

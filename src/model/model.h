@@ -127,6 +127,8 @@ class Model {
     Tensor t;
   };
   DeviceArray allocate(DType dtype, std::initializer_list<std::int64_t> shape);
+  // Any compute dtype to host F32 (through an F32 staging copy when it is not F32 already).
+  void copy_to_host_f32(float* out, Tensor src);
 
   // What backward needs of one micro-batch's forward (defined below); freed layer by layer
   // during backward.

@@ -288,8 +288,10 @@ void save_checkpoint(const std::string& path, Model& model, AdamW* optimizer,
   save_checkpoint(path, model, optimizer, state, ranks);
 }
 
-Architecture checkpoint_architecture(const std::string& path, MPI_Comm comm) {
-  H5File file = H5File::open_read(path, comm);
+namespace {
+
+// The architecture recorded in an open checkpoint, after checking it is one of ours.
+Architecture stored_architecture(const H5File& file, const std::string& path) {
   if (!file.has_attr("/", "format_version") || !file.has_attr("/", "architecture"))
     throw UserError(path + ": not a fastllm checkpoint (no format_version or architecture)");
   const std::int64_t version = file.attr_int("/", "format_version");
@@ -299,14 +301,20 @@ Architecture checkpoint_architecture(const std::string& path, MPI_Comm comm) {
   return architecture_from_json(file.attr_string("/", "architecture"), path);
 }
 
+}  // namespace
+
+Architecture checkpoint_architecture(const std::string& path, MPI_Comm comm) {
+  return stored_architecture(H5File::open_read(path, comm), path);
+}
+
 TrainState load_checkpoint(const std::string& path, Model& model, AdamW* optimizer,
                            const CheckpointRanks& ranks) {
-  const Architecture stored = checkpoint_architecture(path, ranks.world);
+  H5File file = H5File::open_read(path, ranks.world);
+  const Architecture stored = stored_architecture(file, path);
   const Architecture& arch = model.arch();
   if (!(stored == arch))
     throw UserError(path + ": the checkpoint holds another architecture (" +
                     architecture_difference(stored, arch) + ", checkpoint vs this run)");
-  H5File file = H5File::open_read(path, ranks.world);
   // A converted model has no optimizer state yet: the moments start at zero.
   const bool moments = optimizer && file.has("/optimizer/exp_avg/embed");
   const std::size_t sections = moments ? 3 : 1;
