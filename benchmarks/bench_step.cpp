@@ -13,6 +13,7 @@
 #include "kernels/host/host_backend.h"
 #include "kernels/host/host_util.h"
 #include "model/model.h"
+#include "parallel/pipeline.h"
 #include "train/optimizer.h"
 
 namespace fastllm {
@@ -71,14 +72,14 @@ void BM_Step(benchmark::State& state) {
   model.initialize(42);
   AdamW optimizer(backend, model, AdamWSettings{});
   const MicroBatch mb = random_batch(batch, seq, arch.vocab_size);
+  Pipeline pipeline(model);
+  const auto predicted = static_cast<double>(batch * (seq - 1));
   double loss = 0;
   auto step = [&] {
     model.zero_grads();
-    MicroBatchResult result;
-    auto forward_state = model.forward(mb, result);
-    model.backward(std::move(forward_state), 1.0 / static_cast<double>(result.predicted), 0.0);
+    const PipelineTotals totals = pipeline.forward_backward({mb}, 1.0 / predicted, 0.0);
     if (with_optimizer) optimizer.step(1e-4, 1.0);
-    loss = result.ce_sum / static_cast<double>(result.predicted);
+    loss = totals.ce_sum / predicted;
   };
   step();  // warm-up: first-touch of every buffer, the RoPE table, the thread pool
   for (auto _ : state)

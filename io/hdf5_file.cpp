@@ -2,10 +2,13 @@
 
 #include <fcntl.h>
 #include <hdf5.h>
+#include <sys/statvfs.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <filesystem>
@@ -14,6 +17,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "io/checksum.h"
 #include "io/error.h"
 
 #if !H5_VERSION_GE(1, 10, 2)
@@ -26,6 +30,14 @@ namespace {
 constexpr int kTokenTag = 7001;
 constexpr const char* kBf16Attr = "dtype";
 constexpr const char* kBf16Name = "bfloat16";
+// The checksums of dataset NAME are the int64 dataset kChecksumGroup + NAME (uint64 bits), one per
+// chunk, with the chunk's element count in its attribute kChunkAttr (io/checksum.h).
+constexpr const char* kChecksumGroup = "/.checksums";
+constexpr const char* kChunkAttr = "chunk_elements";
+
+bool reserved_name(const std::string& full) {
+  return full == kChecksumGroup || full.starts_with(std::string(kChecksumGroup) + "/");
+}
 
 // Owns one HDF5 identifier; closing it is the destructor's job unless close() reports a failure.
 class Id {
@@ -321,7 +333,83 @@ void fsync_path(const std::string& path, bool directory) {
 struct DatasetInfo {
   H5DType dtype;
   std::vector<std::int64_t> shape;
+  // This rank's part of the chunk checksums and the elements it wrote (io/checksum.h).
+  std::vector<std::uint64_t> sums = {};
+  std::uint64_t written = 0;
 };
+
+std::int64_t volume(const std::vector<std::int64_t>& dims) {
+  std::int64_t v = 1;
+  for (std::int64_t d : dims)
+    v *= d;
+  return v;
+}
+
+// Calls fn(flat index, length, position in the dense slab) for each run of consecutive elements
+// of the slab [offset, offset + count) in a dataset of `shape`, in row-major order.
+template <class Fn>
+void for_each_run(const std::vector<std::int64_t>& shape, const std::vector<std::int64_t>& offset,
+                  const std::vector<std::int64_t>& count, Fn&& fn) {
+  const std::size_t rank = shape.size();
+  if (rank == 0 || volume(count) == 0) return;
+  // The trailing axes the slab covers whole merge into the run.
+  std::size_t outer = rank - 1;
+  std::int64_t run = count[outer];
+  while (outer > 0 && count[outer] == shape[outer]) {
+    --outer;
+    run *= count[outer];
+  }
+  std::vector<std::int64_t> stride(rank, 1);
+  for (std::size_t a = rank - 1; a-- > 0;)
+    stride[a] = stride[a + 1] * shape[a + 1];
+  std::vector<std::int64_t> index(outer, 0);
+  for (std::int64_t done = 0, total = volume(count); done < total; done += run) {
+    std::int64_t flat = offset[outer] * stride[outer];
+    for (std::size_t a = 0; a < outer; ++a)
+      flat += (offset[a] + index[a]) * stride[a];
+    fn(flat, run, done);
+    for (std::size_t a = outer; a-- > 0;) {
+      if (++index[a] < count[a]) break;
+      index[a] = 0;
+    }
+  }
+}
+
+// Adds the elements [begin, end) of the flat index space of `shape` to the selection of `space`,
+// as at most 2 x rank boxes.
+bool select_flat_range(hid_t space, const std::vector<std::int64_t>& shape, std::size_t axis,
+                       std::vector<hsize_t>& start, std::int64_t begin, std::int64_t end) {
+  if (begin >= end) return true;
+  std::int64_t stride = 1;
+  for (std::size_t a = axis + 1; a < shape.size(); ++a)
+    stride *= shape[a];
+  const std::int64_t first = (begin + stride - 1) / stride, last = end / stride;
+  if (first >= last) {  // inside one index of this axis
+    start[axis] = static_cast<hsize_t>(begin / stride);
+    return select_flat_range(space, shape, axis + 1, start, begin % stride,
+                             begin % stride + end - begin);
+  }
+  std::vector<hsize_t> box(shape.begin(), shape.end());
+  for (std::size_t a = 0; a < axis; ++a)
+    box[a] = 1;
+  box[axis] = static_cast<hsize_t>(last - first);
+  std::vector<hsize_t> at = start;
+  at[axis] = static_cast<hsize_t>(first);
+  for (std::size_t a = axis + 1; a < shape.size(); ++a)
+    at[a] = 0;
+  if (H5Sselect_hyperslab(space, H5S_SELECT_OR, at.data(), nullptr, box.data(), nullptr) < 0)
+    return false;
+  if (begin < first * stride) {
+    start[axis] = static_cast<hsize_t>(first - 1);
+    if (!select_flat_range(space, shape, axis + 1, start, begin - (first - 1) * stride, stride))
+      return false;
+  }
+  if (end > last * stride) {
+    start[axis] = static_cast<hsize_t>(last);
+    if (!select_flat_range(space, shape, axis + 1, start, 0, end - last * stride)) return false;
+  }
+  return true;
+}
 
 // A slab a funnelled rank keeps until its turn; `data` points into `copy` or at the caller's
 // memory.
@@ -367,18 +455,6 @@ const char* h5_dtype_name(H5DType dtype) {
   throw std::runtime_error("unknown H5DType");
 }
 
-H5DType h5_dtype(DType dtype) {
-  switch (dtype) {
-    case DType::F32:
-      return H5DType::F32;
-    case DType::BF16:
-      return H5DType::BF16;
-    case DType::I32:
-      return H5DType::I32;
-  }
-  throw std::runtime_error("unknown DType");
-}
-
 struct H5File::Impl {
   std::string path;
   std::string tmp_path;
@@ -395,6 +471,8 @@ struct H5File::Impl {
   std::size_t kept_bytes = 0;
   std::size_t funnel_limit = 0;
   std::uint64_t bytes_read = 0;
+  std::map<std::string, std::int64_t> chunk_of;  // reading: checksum_chunk's answers
+  bool storing_checksums = false;  // commit() is writing the reserved group
 
   Impl(const std::string& file_path, MPI_Comm parent, bool write)
       : path(file_path), writing(write) {
@@ -416,12 +494,31 @@ struct H5File::Impl {
     MPI_Finalized(&finalized);
     // Parallel HDF5 shuts itself down in MPI_Finalize, and the identifiers go with it.
     if (finalized && parallel()) file.release();
+    // An abandoned write (a full disk, another rank's failure) gives its space back first, so
+    // that the metadata HDF5 writes while closing finds room and every rank's close completes.
+    if (writing && created && !committed && rank == 0) static_cast<void>(::truncate(tmp_path.c_str(), 0));
     file.reset();
     if (writing && created && !committed && rank == 0) {
       std::error_code ignored;
       std::filesystem::remove(tmp_path, ignored);
     }
     if (!finalized) MPI_Comm_free(&comm);
+  }
+
+  // Adds the terms of a slab this rank writes to its part of the dataset's chunk checksums.
+  void add_checksums(const std::string& full, const Slab& slab) {
+    DatasetInfo& info = defined.at(full);
+    const std::int64_t chunk = checksum_chunk_elements(info.shape);
+    if (info.sums.empty())
+      info.sums.assign(static_cast<std::size_t>((volume(info.shape) + chunk - 1) / chunk), 0);
+    const std::size_t size = h5_dtype_size(slab.dtype);
+    const auto* bytes = static_cast<const std::byte*>(slab.data);
+    for_each_run(info.shape, slab.offset, slab.count,
+                 [&](std::int64_t flat, std::int64_t n, std::int64_t done) {
+                   add_checksum_terms(info.sums.data(), 0, chunk, flat, n,
+                                      bytes + done * static_cast<std::int64_t>(size), size);
+                 });
+    info.written += static_cast<std::uint64_t>(slab.elements);
   }
 
   static Impl& live(const std::unique_ptr<Impl>& impl, const char* call) {
@@ -483,18 +580,152 @@ struct H5File::Impl {
       throw UserError("dataset " + in_quotes(full) + in_file() + " holds " + h5_dtype_name(stored) +
                       ", expected " + h5_dtype_name(dtype));
     }
-    const std::int64_t elements = check_slab<UserError>(
-        "dataset " + in_quotes(full) + in_file(), stored_shape(dataset.get(), full), offset, count);
+    const std::vector<std::int64_t> shape = stored_shape(dataset.get(), full);
+    const std::int64_t elements =
+        check_slab<UserError>("dataset " + in_quotes(full) + in_file(), shape, offset, count);
     if (elements == 0 && transfer == H5P_DEFAULT) return;
-    auto [file_space, memory_space] = slab_spaces(dataset.get(), offset, count, elements);
+    const std::int64_t chunk = elements > 0 ? checksum_chunk(full) : 0;
+    // The chunks the slab touches, as merged ranges [first, last), and whether it covers them all.
+    std::vector<std::pair<std::int64_t, std::int64_t>> chunks;
+    bool whole_chunks = true;
+    if (chunk > 0) {
+      const std::int64_t total = volume(shape);
+      for_each_run(shape, offset, count, [&](std::int64_t flat, std::int64_t n, std::int64_t) {
+        whole_chunks = whole_chunks && flat % chunk == 0 && ((flat + n) % chunk == 0 || flat + n == total);
+        const std::int64_t first = flat / chunk, last = (flat + n - 1) / chunk + 1;
+        if (!chunks.empty() && first <= chunks.back().second) {
+          chunks.back().second = std::max(chunks.back().second, last);
+        } else {
+          chunks.emplace_back(first, last);
+        }
+      });
+    }
     std::byte placeholder{};  // HDF5 wants a buffer even when nothing is selected
-    if (!file_space.valid() ||
-        H5Dread(dataset.get(), memory_type(dtype), memory_space.get(), file_space.get(), transfer,
-                out != nullptr ? out : &placeholder) < 0) {
+    const std::size_t element_size = h5_dtype_size(dtype);
+    std::vector<std::byte> covering;  // whole chunks, when the slab cuts some
+    Id file_space, memory_space;
+    if (whole_chunks) {
+      std::tie(file_space, memory_space) = slab_spaces(dataset.get(), offset, count, elements);
+    } else {
+      file_space = Id(H5Dget_space(dataset.get()), H5Sclose);
+      std::vector<hsize_t> start(shape.size(), 0);
+      std::int64_t held = 0;
+      bool ok = file_space.valid() && H5Sselect_none(file_space.get()) >= 0;
+      for (const auto& [first, last] : chunks) {
+        const std::int64_t end = std::min(last * chunk, volume(shape));
+        ok = ok && select_flat_range(file_space.get(), shape, 0, start, first * chunk, end);
+        held += end - first * chunk;
+      }
+      const hsize_t size = static_cast<hsize_t>(held);
+      memory_space = Id(H5Screate_simple(1, &size, nullptr), H5Sclose);
+      if (!ok || !memory_space.valid()) file_space = Id();
+      covering.resize(static_cast<std::size_t>(held) * element_size);
+    }
+    void* target = !covering.empty() ? covering.data() : out != nullptr ? out : &placeholder;
+    if (!file_space.valid() || H5Dread(dataset.get(), memory_type(dtype), memory_space.get(),
+                                       file_space.get(), transfer, target) < 0) {
       throw UserError("cannot read the slab at " + format_dims(offset) + " of dataset " +
                       in_quotes(full) + in_file() + ": " + h5_detail());
     }
-    bytes_read += static_cast<std::uint64_t>(elements) * h5_dtype_size(dtype);
+    bytes_read += static_cast<std::uint64_t>(elements) * element_size;
+    if (chunk == 0) return;
+    verify(full, shape, chunk, chunks, offset, count, covering.empty() ? out : covering.data(),
+           !covering.empty(), element_size);
+    if (covering.empty()) return;
+    // Each run of the slab lies inside one merged range of chunks.
+    std::vector<std::int64_t> range_at;  // the position of each range in `covering`
+    std::int64_t at = 0;
+    for (const auto& [first, last] : chunks) {
+      range_at.push_back(at);
+      at += std::min(last * chunk, volume(shape)) - first * chunk;
+    }
+    for_each_run(shape, offset, count, [&](std::int64_t flat, std::int64_t n, std::int64_t done) {
+      const auto range = std::upper_bound(chunks.begin(), chunks.end(), flat / chunk,
+                                          [](std::int64_t c, const auto& r) { return c < r.first; }) -
+                         1;
+      const std::int64_t from =
+          range_at[static_cast<std::size_t>(range - chunks.begin())] + flat - range->first * chunk;
+      std::memcpy(static_cast<std::byte*>(out) + done * static_cast<std::int64_t>(element_size),
+                  covering.data() + from * static_cast<std::int64_t>(element_size),
+                  static_cast<std::size_t>(n) * element_size);
+    });
+  }
+
+  // Elements per checksum chunk of a dataset of a file being read; 0 when it has no checksums
+  // (a file written by another program or an older fastllm).
+  std::int64_t checksum_chunk(const std::string& full) {
+    const auto known = chunk_of.find(full);
+    if (known != chunk_of.end()) return known->second;
+    std::int64_t chunk = 0;
+    const std::string sums = kChecksumGroup + full;
+    if (object_is(file.get(), sums, H5I_DATASET)) {
+      Id dataset(H5Dopen2(file.get(), sums.c_str(), H5P_DEFAULT), H5Dclose);
+      Id attribute;
+      if (dataset.valid() && H5Aexists(dataset.get(), kChunkAttr) > 0)
+        attribute = Id(H5Aopen(dataset.get(), kChunkAttr, H5P_DEFAULT), H5Aclose);
+      if (!attribute.valid() || H5Aread(attribute.get(), H5T_NATIVE_INT64, &chunk) < 0 ||
+          chunk < 1) {
+        throw UserError("the checksums of dataset " + in_quotes(full) + in_file() +
+                        " are unreadable: " + h5_detail());
+      }
+    }
+    H5Eclear2(H5E_DEFAULT);
+    chunk_of[full] = chunk;
+    return chunk;
+  }
+
+  // Compares the checksums of the chunks a read touched with the stored ones. `data` holds the
+  // slab, or (`covering`) the whole chunks in order.
+  void verify(const std::string& full, const std::vector<std::int64_t>& shape, std::int64_t chunk,
+              const std::vector<std::pair<std::int64_t, std::int64_t>>& chunks,
+              const std::vector<std::int64_t>& offset, const std::vector<std::int64_t>& count,
+              const void* data, bool covering, std::size_t element_size) {
+    const std::int64_t first = chunks.front().first, last = chunks.back().second;
+    std::vector<std::uint64_t> computed(static_cast<std::size_t>(last - first), 0);
+    const auto* bytes = static_cast<const std::byte*>(data);
+    if (covering) {
+      std::int64_t at = 0;
+      for (const auto& [a, b] : chunks) {
+        const std::int64_t n = std::min(b * chunk, volume(shape)) - a * chunk;
+        add_checksum_terms(computed.data(), first, chunk, a * chunk, n,
+                           bytes + at * static_cast<std::int64_t>(element_size), element_size);
+        at += n;
+      }
+    } else {
+      for_each_run(shape, offset, count, [&](std::int64_t flat, std::int64_t n, std::int64_t done) {
+        add_checksum_terms(computed.data(), first, chunk, flat, n,
+                           bytes + done * static_cast<std::int64_t>(element_size), element_size);
+      });
+    }
+    std::vector<std::uint64_t> stored(computed.size());
+    const std::string sums = kChecksumGroup + full;
+    const std::vector<std::int64_t> at{first}, n{last - first};
+    Id dataset(H5Dopen2(file.get(), sums.c_str(), H5P_DEFAULT), H5Dclose);
+    Id file_space, memory_space;
+    if (dataset.valid())
+      std::tie(file_space, memory_space) = slab_spaces(dataset.get(), at, n, last - first);
+    if (!file_space.valid() || stored_shape(dataset.get(), sums) != std::vector<std::int64_t>{
+                                   (volume(shape) + chunk - 1) / chunk} ||
+        H5Dread(dataset.get(), H5T_NATIVE_INT64, memory_space.get(), file_space.get(),
+                H5P_DEFAULT, stored.data()) < 0) {
+      throw UserError("cannot read the checksums of dataset " + in_quotes(full) + in_file() +
+                      ": " + h5_detail());
+    }
+    for (const auto& [a, b] : chunks) {
+      for (std::int64_t c = a; c < b; ++c) {
+        const std::size_t i = static_cast<std::size_t>(c - first);
+        if (computed[i] == stored[i]) continue;
+        char sums_text[64];
+        std::snprintf(sums_text, sizeof sums_text, "%016llx, recorded %016llx",
+                      static_cast<unsigned long long>(computed[i]),
+                      static_cast<unsigned long long>(stored[i]));
+        throw UserError("checksum mismatch in dataset " + in_quotes(full) + in_file() +
+                        ": reading the slab at " + format_dims(offset) + " of count " +
+                        format_dims(count) + ", elements [" + std::to_string(c * chunk) + ", " +
+                        std::to_string(std::min((c + 1) * chunk, volume(shape))) +
+                        ") hash to " + sums_text + "; the file is corrupt");
+      }
+    }
   }
 
   // Runs fn on every rank; when it throws on any, every rank throws the exception of the lowest
@@ -535,6 +766,11 @@ struct H5File::Impl {
     }
   }
 
+  std::uint64_t sum_over_ranks(std::uint64_t value) {
+    MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_UINT64_T, MPI_SUM, comm);
+    return value;
+  }
+
   std::uint64_t max_over_ranks(std::uint64_t value) {
     MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_UINT64_T, MPI_MAX, comm);
     return value;
@@ -559,9 +795,33 @@ struct H5File::Impl {
   }
 
   void close_file() {
-    if (file.valid() && !file.close()) {
-      throw std::runtime_error("cannot close " + in_quotes(disk_path()) + ": " + h5_detail());
+    if (file.valid() && !file.close())
+      throw_write_failure("cannot close " + in_quotes(disk_path()) + ": " + h5_detail());
+  }
+
+  // The folder of the file being written.
+  std::string folder() const {
+    const std::filesystem::path parent = std::filesystem::path(path).parent_path();
+    return parent.empty() ? std::string(".") : parent.string();
+  }
+
+  // The exception for a failed write: a UserError naming the folder and the bytes the file needs
+  // when its file system is (nearly) full, since that is what makes writes fail in practice.
+  [[noreturn]] void throw_write_failure(const std::string& message) const {
+    std::uint64_t needed = 0;
+    for (const auto& [name, info] : defined)
+      needed += static_cast<std::uint64_t>(volume(info.shape)) * h5_dtype_size(info.dtype);
+    struct statvfs stats {};
+    if (::statvfs(folder().c_str(), &stats) == 0) {
+      const std::uint64_t available =
+          static_cast<std::uint64_t>(stats.f_bavail) * static_cast<std::uint64_t>(stats.f_frsize);
+      if (available < (std::uint64_t{16} << 20) || available < needed / 16)
+        throw UserError("not enough space in the folder " + in_quotes(folder()) + " for " +
+                         in_quotes(path) + ": it needs about " + std::to_string(needed) +
+                         " bytes of data, " + std::to_string(available) +
+                         " are available (" + message + ")");
     }
+    throw std::runtime_error(message);
   }
 
   void write_hyperslab(hid_t target, const Slab& slab, hid_t transfer) {
@@ -579,9 +839,8 @@ struct H5File::Impl {
         H5Dwrite(dataset.get(), memory_type(slab.dtype), memory_space.get(), file_space.get(),
                  transfer, data) < 0 ||
         !dataset.close()) {
-      throw std::runtime_error("cannot write the slab at " + format_dims(slab.offset) +
-                               " of dataset " + in_quotes(slab.name) + in_file() + ": " +
-                               h5_detail());
+      throw_write_failure("cannot write the slab at " + format_dims(slab.offset) +
+                          " of dataset " + in_quotes(slab.name) + in_file() + ": " + h5_detail());
     }
   }
 
@@ -790,6 +1049,8 @@ void H5File::define_dataset(const std::string& name, H5DType dtype,
   im.agree([&] {
     const std::string what = "dataset " + in_quotes(full) + im.in_file();
     if (full == "/") throw std::runtime_error("define_dataset needs a name" + im.in_file());
+    if (reserved_name(full) && !im.storing_checksums)
+      throw std::runtime_error(what + ": the group " + kChecksumGroup + " is reserved");
     if (shape.empty()) throw std::runtime_error(what + " needs a shape of rank 1 or more");
     for (std::int64_t dim : shape) {
       if (dim < 1) throw std::runtime_error(what + " has shape " + format_dims(shape));
@@ -856,6 +1117,7 @@ void H5File::write_slab(const std::string& name, H5DType dtype,
       throw std::runtime_error("write_slab to " + in_quotes(full) + " without data");
     }
   });
+  if (!reserved_name(full)) im.add_checksums(full, slab);
   if (im.parallel()) {
 #ifdef FASTLLM_PARALLEL_HDF5
     im.agree([&] {
@@ -933,9 +1195,80 @@ void H5File::flush() {
   });
 }
 
+void H5File::store_checksums() {
+  Impl& im = *impl_;
+  std::vector<std::string> names;
+  for (const auto& entry : im.defined) {
+    if (!reserved_name(entry.first)) names.push_back(entry.first);
+  }
+  im.storing_checksums = true;
+  for (const std::string& name : names) {
+    DatasetInfo& info = im.defined.at(name);
+    const std::int64_t elements = volume(info.shape);
+    // Datasets some element of which no rank wrote (or two did) get no checksums.
+    if (im.sum_over_ranks(info.written) != static_cast<std::uint64_t>(elements)) continue;
+    const std::int64_t chunk = checksum_chunk_elements(info.shape);
+    const std::int64_t chunks = (elements + chunk - 1) / chunk;
+    info.sums.resize(static_cast<std::size_t>(chunks), 0);
+    for (std::int64_t at = 0; at < chunks; at += std::int64_t{1} << 24) {
+      const int n = static_cast<int>(std::min<std::int64_t>(chunks - at, std::int64_t{1} << 24));
+      MPI_Allreduce(MPI_IN_PLACE, info.sums.data() + at, n, MPI_UINT64_T, MPI_SUM, im.comm);
+    }
+    const std::string sums = kChecksumGroup + name;
+    define_dataset(sums, H5DType::I64, {chunks});
+    write_slab(sums, H5DType::I64, {0}, {im.rank == 0 ? chunks : 0}, info.sums.data());
+    set_attr_int(sums, kChunkAttr, chunk);
+    info.sums = {};
+  }
+  im.storing_checksums = false;
+}
+
+void H5File::reserve(std::uint64_t bytes) {
+  Impl& im = Impl::writer(impl_, "reserve");
+  im.check_same("reserve", std::to_string(bytes));
+  im.agree([&] {
+    // Tests set FASTLLM_TEST_NO_RESERVE to meet a full disk in the middle of the writes, as on a
+    // file system without fallocate that another job fills.
+    if (im.rank != 0 || std::getenv("FASTLLM_TEST_NO_RESERVE") != nullptr) return;
+    const std::filesystem::path parent = std::filesystem::path(im.path).parent_path();
+    const std::string folder = parent.empty() ? std::string(".") : parent.string();
+    const auto no_space = [&](std::uint64_t available) {
+      return UserError("not enough space in the folder " + in_quotes(folder) + " for " +
+                       in_quotes(im.path) + ": it needs " + std::to_string(bytes) + " bytes, " +
+                       std::to_string(available) + " are available");
+    };
+    struct statvfs stats {};
+    if (::statvfs(folder.c_str(), &stats) == 0) {
+      const std::uint64_t available =
+          static_cast<std::uint64_t>(stats.f_bavail) * static_cast<std::uint64_t>(stats.f_frsize);
+      if (available < bytes) throw no_space(available);
+    }
+    // Taking the blocks now means no write below can meet a full disk (or quota) half-way.
+    const int fd = ::open(im.tmp_path.c_str(), O_WRONLY);
+    if (fd < 0) {
+      throw std::runtime_error("cannot open " + in_quotes(im.tmp_path) + ": " +
+                               std::strerror(errno));
+    }
+    struct stat before {};
+    const bool sized = ::fstat(fd, &before) == 0;
+    const int failed =
+        ::fallocate(fd, 0, 0, static_cast<off_t>(bytes)) == 0 ? 0 : errno;
+    if (failed == ENOSPC || failed == EDQUOT || failed == EFBIG) {
+      if (sized) static_cast<void>(::ftruncate(fd, before.st_size));
+      ::close(fd);
+      std::uint64_t available = 0;
+      if (::statvfs(folder.c_str(), &stats) == 0)
+        available = static_cast<std::uint64_t>(stats.f_bavail) * stats.f_frsize;
+      throw no_space(available);
+    }
+    ::close(fd);
+  });
+}
+
 void H5File::commit() {
   Impl& im = Impl::writer(impl_, "commit");
   im.check_same("commit", im.path);
+  store_checksums();
   const bool round = !im.parallel() && im.max_over_ranks(im.kept_bytes) > 0;
   im.agree([&] {
     if (!im.holds_file()) return;
@@ -1041,6 +1374,10 @@ bool H5File::has_attr(const std::string& object, const std::string& key) const {
   return exists > 0;
 }
 
+bool H5File::has_checksums(const std::string& name) {
+  return Impl::reader(impl_, "has_checksums").checksum_chunk(normalize(name)) > 0;
+}
+
 std::uint64_t H5File::bytes_read() const {
   return Impl::live(impl_, "bytes_read").bytes_read;
 }
@@ -1090,7 +1427,8 @@ std::vector<std::string> H5File::list_datasets(const std::string& group) const {
   std::vector<std::string> names;
   if (im.writing) {
     for (const auto& entry : im.defined) {
-      if (entry.first.starts_with(prefix)) names.push_back(entry.first);
+      if (entry.first.starts_with(prefix) && !reserved_name(entry.first))
+        names.push_back(entry.first);
     }
     return names;
   }
@@ -1104,6 +1442,7 @@ std::vector<std::string> H5File::list_datasets(const std::string& group) const {
       H5Literate(handle.get(), H5_INDEX_NAME, H5_ITER_INC, nullptr, &list_link, &listing) < 0) {
     throw UserError("cannot list the group " + in_quotes(full) + im.in_file() + ": " + h5_detail());
   }
+  std::erase_if(names, [](const std::string& name) { return reserved_name(name); });
   std::sort(names.begin(), names.end());
   return names;
 }

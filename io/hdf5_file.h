@@ -1,5 +1,5 @@
 #pragma once
-// One HDF5 file shared by the ranks of an MPI communicator: the checkpoint format of DESIGN.md
+// One HDF5 file shared by the ranks of an MPI communicator: the checkpoint format of docs/DESIGN.md
 // section 6. HDF5 types stay in hdf5_file.cpp, so users of this header need no HDF5 headers.
 //
 // Two builds, one API:
@@ -20,7 +20,14 @@
 // std::runtime_error otherwise (misuse, I/O errors); messages name the file and the dataset.
 //
 // Writes are atomic: create() writes to `path + ".tmp"`, commit() renames it to `path` once all
-// ranks are done and the data is on disk. An H5File destroyed without commit() removes the ".tmp".
+// ranks are done and the data is on disk. An H5File destroyed without commit() gives the space of
+// the ".tmp" back before closing it (so that closing cannot meet a full disk) and removes it.
+//
+// Checksums: every dataset that the ranks wrote whole (each element once) gets chunk checksums
+// (io/checksum.h) in commit(), stored as the dataset "/.checksums" + its name; every read of a
+// dataset that has them verifies the chunks it touches (reading whole chunks when a slab cuts
+// one) and throws a UserError naming the dataset, the slab, the elements and the file on a
+// mismatch. The group "/.checksums" is reserved: list_datasets leaves it out.
 // Consumers of this header need MPI's include path (it takes an MPI_Comm).
 #include <mpi.h>
 
@@ -31,8 +38,6 @@
 #include <string_view>
 #include <vector>
 
-#include "kernels/backend.h"
-
 namespace fastllm {
 
 // Element types of stored datasets. BF16 is stored bit for bit as little-endian uint16 with the
@@ -40,7 +45,6 @@ namespace fastllm {
 enum class H5DType : std::uint8_t { F32, F64, I64, I32, BF16 };
 std::size_t h5_dtype_size(H5DType dtype);
 const char* h5_dtype_name(H5DType dtype);  // float32, float64, int64, int32, bfloat16
-H5DType h5_dtype(DType dtype);             // the stored type of a backend tensor dtype
 
 class H5File {
  public:
@@ -78,6 +82,11 @@ class H5File {
   void set_attr_string(const std::string& object, const std::string& key, std::string_view value);
   void set_attr_int(const std::string& object, const std::string& key, std::int64_t value);
   void set_attr_double(const std::string& object, const std::string& key, double value);
+  // Collective. Makes sure `bytes` fit in the file's folder before anything is written: a
+  // UserError naming the folder, the bytes needed and those available when they do not, and
+  // otherwise the blocks allocated to the ".tmp" (where the file system allows), so that no write
+  // meets a full disk half-way.
+  void reserve(std::uint64_t bytes);
   // Collective. Puts everything written so far into the file on disk (a funnel round when serial).
   void flush();
   // Collective. Flushes, closes, fsyncs and renames the ".tmp" to the final path (replacing an
@@ -99,7 +108,10 @@ class H5File {
   std::int64_t attr_int(const std::string& object, const std::string& key) const;
   double attr_double(const std::string& object, const std::string& key) const;
   bool has_attr(const std::string& object, const std::string& key) const;
-  // Bytes of dataset elements this rank has read with read_slab.
+  // Whether a dataset has checksums (reads of it are verified).
+  bool has_checksums(const std::string& name);
+  // Bytes of dataset elements this rank has read with read_slab (the slabs asked for; the rest of
+  // a chunk read to verify a slab that cuts it is not counted).
   std::uint64_t bytes_read() const;
 
   // ---- both modes (when writing: from what define_dataset was given) ----
@@ -112,6 +124,7 @@ class H5File {
  private:
   struct Impl;
   explicit H5File(std::unique_ptr<Impl> impl);
+  void store_checksums();
   std::unique_ptr<Impl> impl_;
 };
 

@@ -13,6 +13,22 @@ namespace {
 
 using nlohmann::json;
 
+// A real config.json nests at most 3 levels; the bound keeps a hostile file from overflowing the
+// stack where a value is printed (dump is recursive).
+constexpr int kMaxJsonDepth = 64;
+
+// Text quoted from the file stays on one short line of ASCII.
+std::string one_line(std::string text, std::size_t max) {
+  if (text.size() > max) text = text.substr(0, max - 3) + "...";
+  for (char& c : text)
+    if (const auto u = static_cast<unsigned char>(c); u < 0x20 || u >= 0x7F) c = '?';
+  return text;
+}
+
+std::string excerpt(const json& value) {
+  return one_line(value.dump(-1, ' ', true, json::error_handler_t::replace), 80);
+}
+
 // Shortest text that reads back as the same double.
 std::string format_double(double v) {
   char buf[64];
@@ -37,32 +53,33 @@ class ConfigReader {
 
   std::int64_t positive_int(const std::string& key, const json& v) const {
     if (!v.is_number_integer() || v.get<std::int64_t>() <= 0)
-      throw UserError(path_ + ": '" + key + "' = " + v.dump() + ", expected a positive integer");
+      throw UserError(path_ + ": '" + key + "' = " + excerpt(v) + ", expected a positive integer");
     return v.get<std::int64_t>();
   }
 
   double number(const std::string& key, const json& v) const {
     if (!v.is_number())
-      throw UserError(path_ + ": '" + key + "' = " + v.dump() + ", expected a number");
+      throw UserError(path_ + ": '" + key + "' = " + excerpt(v) + ", expected a number");
     return v.get<double>();
   }
 
   bool boolean(const std::string& key) const {
     const json& v = root_[key];
     if (!v.is_boolean())
-      throw UserError(path_ + ": '" + key + "' = " + v.dump() + ", expected true or false");
+      throw UserError(path_ + ": '" + key + "' = " + excerpt(v) + ", expected true or false");
     return v.get<bool>();
   }
 
   std::string text(const std::string& key) const {
     const json& v = require(key);
     if (!v.is_string())
-      throw UserError(path_ + ": '" + key + "' = " + v.dump() + ", expected a string");
+      throw UserError(path_ + ": '" + key + "' = " + excerpt(v) + ", expected a string");
     return v.get<std::string>();
   }
 
   [[noreturn]] void unsupported(const std::string& key, const std::string& why) const {
-    throw UserError(path_ + ": '" + key + "' = " + root_[key].dump() + " is not supported: " + why);
+    throw UserError(path_ + ": '" + key + "' = " + excerpt(root_[key]) +
+                    " is not supported: " + why);
   }
 
   const json& root() const { return root_; }
@@ -105,9 +122,14 @@ HfConfig read_hf_config(const std::string& folder) {
   if (!in) throw UserError(path + ": not found (a Hugging Face folder has a config.json)");
   json root;
   try {
-    root = json::parse(in);
+    root = json::parse(in, [&](int depth, json::parse_event_t, json&) {
+      if (depth > kMaxJsonDepth)
+        throw UserError(path + ": JSON nested deeper than " + std::to_string(kMaxJsonDepth) +
+                        " levels, expected a flat object of settings");
+      return true;
+    });
   } catch (const json::exception& e) {
-    throw UserError(path + ": not valid JSON: " + e.what());
+    throw UserError(path + ": not valid JSON: " + one_line(e.what(), 200));
   }
   if (!root.is_object()) throw UserError(path + ": expected a JSON object");
   ConfigReader c(path, root);

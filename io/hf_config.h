@@ -1,6 +1,6 @@
 #pragma once
 // Reads a Hugging Face config.json (Mistral, Mixtral, Llama) into fastllm flag values, as the
-// table in DESIGN.md section 6 maps them. Anything fastllm would compute differently from
+// table in docs/DESIGN.md section 6 maps them. Anything fastllm would compute differently from
 // transformers (rope scaling, partial biases, router noise) is an error, not an approximation.
 #include <map>
 #include <string>

@@ -30,6 +30,9 @@ namespace fs = std::filesystem;
 // The reference implementation refuses larger headers, so that a corrupt length cannot make it
 // allocate or parse gigabytes.
 constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;
+// A header or index nests 3 levels; the bound keeps a hostile file from overflowing the stack
+// where a value is printed or copied (both recursive in nlohmann::json).
+constexpr int kMaxJsonDepth = 64;
 // Below this many elements a conversion is faster than starting the OpenMP threads.
 constexpr std::size_t kParallelElements = 1 << 16;
 
@@ -103,6 +106,21 @@ bool is_file(const fs::path& path) {
 std::string excerpt(const json& value) {
   std::string text = value.dump(-1, ' ', true, json::error_handler_t::replace);
   return one_line(text.size() > 80 ? text.substr(0, 77) + "..." : text);
+}
+
+// Parses JSON text, refusing nesting deeper than kMaxJsonDepth with a UserError naming `name`.
+template <class Input>
+json parse_bounded(Input&& input, const std::string& name, const char* what) {
+  try {
+    return json::parse(std::forward<Input>(input), [&](int depth, json::parse_event_t, json&) {
+      if (depth > kMaxJsonDepth)
+        throw UserError(name + ": " + what + " nests deeper than " + std::to_string(kMaxJsonDepth) +
+                        " levels, expected at most 3");
+      return true;
+    });
+  } catch (const json::exception& e) {
+    throw UserError(name + ": " + what + " is not valid JSON: " + one_line(e.what()));
+  }
 }
 
 // numel(shape) * element size, or nothing on 64-bit overflow.
@@ -300,12 +318,7 @@ SafetensorsFile SafetensorsFile::open(const fs::path& path) {
   file.data_start_ = 8 + header_size;
 
   const auto* header_begin = reinterpret_cast<const char*>(bytes.data() + 8);
-  json header;
-  try {
-    header = json::parse(header_begin, header_begin + header_size);
-  } catch (const json::exception& e) {
-    throw UserError(name + ": header is not valid JSON: " + one_line(e.what()));
-  }
+  const json header = parse_bounded(std::string_view(header_begin, header_size), name, "header");
   if (!header.is_object())
     throw UserError(name + ": header is a JSON " + header.type_name() + ", expected an object");
 
@@ -421,14 +434,9 @@ SafetensorsCheckpoint SafetensorsCheckpoint::open(const fs::path& folder_or_file
 
   c.listing_ = index.string();
   const std::string& index_name = c.listing_;
-  json root;
-  try {
-    std::ifstream in(index);
-    if (!in) throw UserError(index_name + ": cannot open: " + std::strerror(errno));
-    root = json::parse(in);
-  } catch (const json::exception& e) {
-    throw UserError(index_name + ": not valid JSON: " + one_line(e.what()));
-  }
+  std::ifstream in(index);
+  if (!in) throw UserError(index_name + ": cannot open: " + std::strerror(errno));
+  const json root = parse_bounded(in, index_name, "index");
   if (!root.is_object() || !root.contains("weight_map") || !root["weight_map"].is_object())
     throw UserError(index_name + ": has no 'weight_map' object, expected one mapping tensor " +
                     "names to shard files");

@@ -30,6 +30,7 @@ Tokenizer::Tokenizer(const std::string& path) : impl_(std::make_unique<Impl>()),
   vocab_size_ = impl_->processor.GetPieceSize();
   eos_id_ = impl_->processor.eos_id();
   bos_id_ = impl_->processor.bos_id();
+  unk_id_ = impl_->processor.unk_id();
   if (eos_id_ < 0 || eos_id_ >= vocab_size_) {
     throw UserError("tokenizer '" + path_ + "' has no EOS piece (eos id " +
                     std::to_string(eos_id_) + "), expected one to end each document");
@@ -48,6 +49,14 @@ std::vector<std::int32_t> Tokenizer::encode(std::string_view text) const {
                     std::to_string(text.size()) + " bytes: " + std::string(status.message()));
   }
   return {ids.begin(), ids.end()};
+}
+
+std::string Tokenizer::piece(std::int32_t id) const {
+  if (id < 0 || id >= vocab_size_) {
+    throw UserError("tokenizer '" + path_ + "': token id " + std::to_string(id) +
+                    " is outside the vocabulary of " + std::to_string(vocab_size_));
+  }
+  return impl_->processor.IdToPiece(id);
 }
 
 std::string Tokenizer::decode(std::span<const std::int32_t> ids) const {

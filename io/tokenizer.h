@@ -1,7 +1,7 @@
 #pragma once
 // The model's SentencePiece tokenizer (`tokenizer.model`, as Mistral and Llama ship it). Encoding
-// adds no BOS and no EOS: callers append the EOS per document, as Megatron's preprocess_data.py
-// --append-eod does. SentencePiece itself stays private to fastllm_io.
+// adds no BOS and no EOS: callers add them per document (`fastllm prepare --prepend_bos
+// --append_eos`). SentencePiece itself stays private to fastllm_io.
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -28,6 +28,11 @@ class Tokenizer {
   std::int32_t eos_id() const { return eos_id_; }
   // -1 when the model has none.
   std::int32_t bos_id() const { return bos_id_; }
+  // -1 when the model has none.
+  std::int32_t unk_id() const { return unk_id_; }
+  // The piece of `id` as the model stores it ("<s>", "\u2581the"); throws UserError outside the
+  // vocabulary.
+  std::string piece(std::int32_t id) const;
   std::int64_t vocab_size() const { return vocab_size_; }
   // The model file read.
   const std::string& path() const { return path_; }
@@ -38,6 +43,7 @@ class Tokenizer {
   std::string path_;
   std::int32_t eos_id_ = -1;
   std::int32_t bos_id_ = -1;
+  std::int32_t unk_id_ = -1;
   std::int64_t vocab_size_ = 0;
 };
 

@@ -74,16 +74,17 @@ fastllm_latest_iteration() {
 # fastllm_next_action SAVE_DIR TRAIN_ITERS LAUNCHER_RC STOP_SIGNAL RESTARTS MAX_RESTARTS
 # Decides what a job does once fastllm has exited; prints one word:
 #   done      a checkpoint of iteration >= TRAIN_ITERS exists: training is finished
-#   requeue   stopped by USR1 (the scheduler's warning before the time limit) before finishing
+#   requeue   stopped by USR1 (the scheduler's warning before the time limit) or by PREEMPT (a TERM
+#             the template found to be a preemption) before finishing
 #   give_up   as requeue, but the job was already requeued MAX_RESTARTS times
-#   stopped   stopped by TERM (cancelled, preempted, or killed at the limit), or fastllm exited 0
-#             before the last iteration without the job seeing a signal: nothing is resubmitted
+#   stopped   stopped by TERM (cancelled, or killed at the limit), or fastllm exited 0 before the
+#             last iteration without the job seeing a signal: nothing is resubmitted
 #   failed    fastllm failed without a signal: requeueing would fail the same way
 fastllm_next_action() {
   local save_dir=$1 train_iters=$2 rc=$3 stop_signal=$4 restarts=$5 max_restarts=$6
   if (($(fastllm_latest_iteration "$save_dir") >= train_iters)); then
     echo "done"
-  elif [[ $stop_signal == USR1 ]]; then
+  elif [[ $stop_signal == USR1 || $stop_signal == PREEMPT ]]; then
     if ((restarts < max_restarts)); then echo requeue; else echo give_up; fi
   elif [[ $stop_signal == TERM || $rc -eq 0 ]]; then
     echo stopped
@@ -105,9 +106,31 @@ fastllm_hms_to_seconds() {
   echo "$total"
 }
 
-# fastllm_export_env THREADS_PER_RANK: the environment every rank runs with. Values already in the
-# environment win, so a site's settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) are kept.
+# fastllm_site_setup FILE: sources the site's set-up (module load, a virtual environment, NCCL_*
+# settings; see site.example.sh) into this shell before anything else is derived from the
+# environment. FILE empty: nothing. Sets FASTLLM_SITE_SETUP_USED to the file sourced, or "none".
+fastllm_site_setup() {
+  local file=$1 rc=0
+  FASTLLM_SITE_SETUP_USED=none
+  if [[ -z $file ]]; then
+    return 0
+  fi
+  [[ -f $file && -r $file ]] || fastllm_die "FASTLLM_SITE_SETUP=$file: file not found"
+  # Module systems (Lmod, Environment Modules) read variables that may be unset.
+  set +u
+  # shellcheck source=/dev/null
+  source "$file" || rc=$?
+  set -u
+  ((rc == 0)) || fastllm_die "FASTLLM_SITE_SETUP=$file failed with status $rc"
+  FASTLLM_SITE_SETUP_USED=$file
+}
+
+# fastllm_export_env THREADS_PER_RANK CPU_BIND: the environment every rank runs with. Values already
+# in the environment win, so a site's settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) are kept.
+# CPU_BIND (numa or none) tells fastllm_rank.sh whether to bind each rank to its GPU's NUMA node.
 fastllm_export_env() {
+  [[ $2 == numa || $2 == none ]] || fastllm_die "CPU_BIND=$2: expected numa or none"
+  export FASTLLM_CPU_BIND=$2
   export OMP_NUM_THREADS=$1
   # WARN prints NCCL's errors and version without flooding the log; INFO to debug the topology.
   export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
@@ -117,7 +140,23 @@ fastllm_export_env() {
 }
 
 # Names of the variables fastllm_export_env sets, for launchers that forward a list (mpirun -x).
-FASTLLM_ENV_NAMES=(OMP_NUM_THREADS NCCL_DEBUG NCCL_IB_TIMEOUT)
+FASTLLM_ENV_NAMES=(OMP_NUM_THREADS NCCL_DEBUG NCCL_IB_TIMEOUT FASTLLM_CPU_BIND)
+
+# fastllm_forward_names: the exported variables a launcher that does not pass on the environment
+# (mpirun to other nodes) must forward, one per line: fastllm_export_env's, PATH and
+# LD_LIBRARY_PATH (what module load changes), a virtual environment, and every NCCL_*, UCX_*, FI_*
+# and CUDA_* variable the site set-up or the user exported.
+fastllm_forward_names() {
+  local name
+  local -A seen=()
+  for name in "${FASTLLM_ENV_NAMES[@]}" PATH LD_LIBRARY_PATH VIRTUAL_ENV \
+    $(compgen -e | grep -E '^(NCCL|UCX|FI|CUDA)_' | sort); do
+    if [[ -z ${seen[$name]:-} && -n ${!name:-} ]]; then
+      seen[$name]=1
+      echo "$name"
+    fi
+  done
+}
 
 # fastllm_train_command JOBS_DIR FASTLLM_BIN CONFIG SAVE_DIR ARG...: the per-rank command, into the
 # array FASTLLM_COMMAND. --load and --save both name SAVE_DIR: fastllm resumes from its newest
@@ -160,11 +199,12 @@ fastllm_on_signal() {
     FASTLLM_STOP_SIGNAL=$1
   fi
   echo "fastllm job: caught SIG$1; asking every rank to save a checkpoint and stop" >&2
-  "$FASTLLM_FORWARD"
+  "$FASTLLM_FORWARD" "$1"
 }
 
 # fastllm_trap_signals FORWARD: from now on USR1 and TERM reaching this shell are recorded in
-# FASTLLM_STOP_SIGNAL and passed on to the ranks by the function named FORWARD.
+# FASTLLM_STOP_SIGNAL and passed on to the ranks by the function named FORWARD, called with the
+# signal's name.
 fastllm_trap_signals() {
   FASTLLM_FORWARD=$1
   trap 'fastllm_on_signal USR1' USR1

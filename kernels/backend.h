@@ -65,6 +65,30 @@ class Buffer {
 
 enum class Activation { SiLU, GeLU };
 
+// Elements [begin, begin + count) of a flat buffer.
+struct FlatRange {
+  std::int64_t begin = 0;
+  std::int64_t count = 0;
+};
+
+// A run of parameters of a flat buffer updated with one weight decay (0 for the ones without).
+struct AdamWRange {
+  std::int64_t begin = 0;
+  std::int64_t count = 0;
+  float weight_decay = 0;
+};
+
+// The scalars of one AdamW update at step t (from 1); gradients are multiplied by grad_scale first.
+struct AdamWStepScalars {
+  float lr = 0, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;
+  std::int64_t step = 1;
+  float grad_scale = 1;
+};
+
+// Which attention kernel a CUDA backend runs: cuDNN's fused SDPA (bf16 only; fp32 compute takes
+// the own kernel) or the backend's own FlashAttention-style kernel. The host backend has one.
+enum class AttentionKernel { Cudnn, Own };
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -84,6 +108,9 @@ class Backend {
   virtual void add(Tensor y, Tensor x, float alpha) = 0;  // y += alpha * x
   virtual void scale(Tensor y, float alpha) = 0;          // y *= alpha
   virtual double sum_squares(Tensor x) = 0;               // sum of x^2 in double, to the host
+  // The sum over the ranges of x's sum_squares, as one reduction (ranges may be empty; they must
+  // lie within x).
+  virtual double sum_squares_ranges(Tensor x, const std::vector<FlatRange>& ranges) = 0;
 
   // ---- dense layers ----
   // c[m,n] = alpha * op(a) op(b) + beta * c; op(a) is [m,k] (a stored [k,m] when trans_a),
@@ -140,6 +167,13 @@ class Backend {
   virtual void cross_entropy_backward(Tensor logits, Tensor targets, std::int64_t vocab_offset,
                                       Tensor row_max, Tensor row_sumexp, float grad_scale,
                                       Tensor dlogits) = 0;
+  // Vocab-parallel softmax: row_sumexp[r] *= exp(slice_max[r] - global_max[r]) (in double), so
+  // that the slices' sums, each at its own maximum, can be added at the global one.
+  virtual void cross_entropy_rescale(Tensor row_sumexp, Tensor slice_max, Tensor global_max) = 0;
+  // Sum over the rows with a target >= 0 of log(row_sumexp) + row_max - target_logit, in double,
+  // to the host.
+  virtual double cross_entropy_loss(Tensor row_max, Tensor row_sumexp, Tensor target_logit,
+                                    Tensor targets) = 0;
 
   // ---- mixture of experts ----
   // probs = softmax(logits) [tokens, experts] in F32; topk_index/topk_weight [tokens, k]: the k
@@ -172,6 +206,25 @@ class Backend {
   virtual void adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr,
                      float beta1, float beta2, float eps, float weight_decay, std::int64_t step,
                      float grad_scale) = 0;
+  // adamw over each range of the flat F32 buffers param, grad, exp_avg and exp_avg_sq (indexed
+  // alike) with the range's weight decay, in one pass that also writes the new param to `weights`
+  // (in its dtype, e.g. the bf16 compute copy; skipped when weights is empty) and, when
+  // zero_grad, sets the consumed gradients to 0. Elements outside the ranges are left alone.
+  virtual void adamw_ranges(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq,
+                            Tensor weights, const std::vector<AdamWRange>& ranges,
+                            const AdamWStepScalars& scalars, bool zero_grad) = 0;
+
+  // ---- incremental decoding with a key/value cache (inference only: these ops have no
+  // ---- backward, generation never differentiates through them)
+  // rope with x[b, s] at the absolute position offset + s (rope() is rope_at with offset 0).
+  virtual void rope_at(Tensor x, double theta, std::int64_t offset) = 0;
+  // Causal grouped-query attention of the queries at positions [offset, offset + q_len) against
+  // a key/value cache holding positions [0, offset + q_len) in its first rows:
+  // q, out [batch, q_len, heads, head_dim]; k_cache, v_cache [batch, capacity, kv_heads, head_dim]
+  // with capacity >= offset + q_len (rows past that are not read). Query position i sees the
+  // keys j with i - window < j <= i (window = 0: all j <= i).
+  virtual void attention_cached(Tensor q, Tensor k_cache, Tensor v_cache, std::int64_t offset,
+                                std::int64_t window, Tensor out) = 0;
 };
 
 }  // namespace fastllm

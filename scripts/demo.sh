@@ -49,7 +49,7 @@ echo "== 5. fastllm train again with --train_iters=300: resumes from the newest 
 "$fastllm" train "${TRAIN_ARGS[@]}" --train_iters=300
 echo
 echo "== 6. fastllm export: the trained model as a Hugging Face folder"
-"$fastllm" export --load="$run" --output="$out/hf" --dtype=bf16
+"$fastllm" export --load="$run" --output="$out/hf" --dtype=bf16 --tokenizer="$out/tokenizer.model"
 echo
 bash scripts/plot_metrics.sh "$run" >/dev/null
 
@@ -61,4 +61,4 @@ echo "                 last evaluation  $last"
 echo "dataset:     $out/jargon.bin, $out/jargon.idx (tokenizer $out/tokenizer.model)"
 echo "checkpoints: $run/checkpoint-*.h5 (config $run/config.json, metrics $run/metrics.jsonl)"
 echo "plot:        $run/metrics.png"
-echo "hugging face folder: $out/hf (config.json, model.safetensors)"
+echo "hugging face folder: $out/hf (config.json, generation_config.json, model.safetensors, tokenizer)"

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(
-  cmake ninja-build g++ pkg-config git
+  cmake ninja-build g++ pkg-config git ccache
   libopenblas-openmp-dev
   libopenmpi-dev openmpi-bin
   libhdf5-openmpi-dev hdf5-tools
@@ -12,6 +12,7 @@ packages=(
   libsentencepiece-dev sentencepiece
   libgtest-dev libbenchmark-dev
   gnuplot-nox shellcheck clang-format
+  clang-14 libclang-rt-14-dev libomp-14-dev
   python3 python3-numpy jargon
 )
 
@@ -27,4 +28,27 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# cudnn-frontend (header-only C++ API of cuDNN's fused attention) for the CUDA backend: the
+# headers of PyPI's wheel, unpacked into the git-ignored build-deps/ where CMake looks
+# (FASTLLM_CUDNN_FRONTEND_DIR). Only where cuDNN is installed; nothing Python is needed at run time.
+cudnn_frontend_version=1.32.0
+cudnn_frontend_dir="$(cd "$(dirname "$0")/.." && pwd)/build-deps/cudnn_frontend"
+have_cudnn=0
+for header in /usr/local/cuda/include/cudnn.h /usr/include/cudnn.h /usr/include/x86_64-linux-gnu/cudnn.h; do
+  if [ -e "$header" ]; then have_cudnn=1; fi
+done
+if [ "$have_cudnn" = 1 ] &&
+  [ "$(cat "$cudnn_frontend_dir/VERSION" 2>/dev/null)" != "$cudnn_frontend_version" ]; then
+  echo "setup: fetching cudnn-frontend $cudnn_frontend_version headers into $cudnn_frontend_dir"
+  wheel_dir="$(mktemp -d)"
+  trap 'rm -rf "$wheel_dir"' EXIT
+  python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 \
+    --python-version 3.11 --dest "$wheel_dir" "nvidia-cudnn-frontend==$cudnn_frontend_version"
+  rm -rf "$cudnn_frontend_dir"
+  mkdir -p "$cudnn_frontend_dir"
+  python3 -m zipfile -e "$wheel_dir"/nvidia_cudnn_frontend-*.whl "$wheel_dir/wheel"
+  mv "$wheel_dir/wheel/include" "$cudnn_frontend_dir/include"
+  echo "$cudnn_frontend_version" >"$cudnn_frontend_dir/VERSION"
 fi

@@ -4,6 +4,8 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/error_report.h"
+#include "cli/version.h"
 #include "io/error.h"
 
 namespace {
@@ -25,6 +27,8 @@ const Command kCommands[] = {
     {"convert", fastllm::run_convert,
      "Hugging Face folder -> HDF5 checkpoint (the one-time resharding)"},
     {"export", fastllm::run_export, "HDF5 checkpoint -> Hugging Face folder"},
+    {"generate", fastllm::run_generate,
+     "continue prompts with a trained model (greedy or sampled, with a key/value cache)"},
 };
 
 void usage(std::FILE* out) {
@@ -32,7 +36,10 @@ void usage(std::FILE* out) {
                "usage: fastllm <command> [--flag=value ...] [--config run.yaml]\n\ncommands:\n");
   for (const Command& c : kCommands)
     std::fprintf(out, "  %-10s %s\n", c.name, c.summary);
-  std::fprintf(out, "\n'fastllm <command> --help' lists the command's flags.\n");
+  std::fprintf(out,
+               "\n'fastllm <command> --help' lists the command's flags; 'fastllm --version' (or "
+               "'fastllm version') prints the version, git revision, backends and library "
+               "versions.\n");
 }
 
 }  // namespace
@@ -47,16 +54,20 @@ int main(int argc, char** argv) {
     usage(stdout);
     return 0;
   }
+  if (name == "--version" || name == "version") {
+    std::fputs(fastllm::version_text().c_str(), stdout);
+    return 0;
+  }
   const std::vector<std::string> args(argv + 2, argv + argc);
   for (const Command& c : kCommands) {
     if (name != c.name) continue;
     try {
       return c.run(args);
     } catch (const fastllm::UserError& e) {
-      std::fprintf(stderr, "fastllm %s: error: %s\n", c.name, e.what());
+      fastllm::report_fatal_error("fastllm " + name + ": error: " + e.what(), 2);
       return 2;
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "fastllm %s: internal error: %s\n", c.name, e.what());
+      fastllm::report_fatal_error("fastllm " + name + ": internal error: " + e.what(), 1);
       return 1;
     }
   }

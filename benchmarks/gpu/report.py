@@ -1,63 +1,152 @@
-"""Reading the results of one GPU run (benchmarks/gpu/run.sh).
+"""Reading the results of one GPU run (benchmarks/gpu/run.sh): plain Python, no packages.
 
-    python3 report.py probe OUT.safetensors REFERENCE.safetensors   # errors of a probe, one line
-    python3 report.py table FASTLLM.jsonl HF.json                   # the throughput table
+    python3 report.py line JSON                   # one result as one line, as it arrives
+    python3 report.py table RESULTS.jsonl ANCHORS # the summary table, printed last
+
+RESULTS.jsonl holds one JSON object per result with its "stage" (device, smoke, tests, probe,
+throughput) or "peer" (device, live). ANCHORS is .gpu/anchors: the peer figures recorded on an
+H200 (hf-pytorch-h200.json, hf-pytorch-h200-compiled.json), used where no live peer ran, and the
+torch.compile peers, the strongest on the card, which take minutes each to compile.
 """
 import json
+import os
 import sys
 
-
-def probe(out_path, ref_path):
-    from safetensors.numpy import load_file
-    import numpy as np
-    got, ref = load_file(out_path), load_file(ref_path)
-
-    def rel(a, b):
-        a, b = a.astype(np.float64), b.astype(np.float64)
-        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-    grads = [n for n in ref if n.startswith("grad.")]
-    missing = [n for n in grads if n not in got]
-    worst = max((rel(got[n], ref[n]), n) for n in grads if n in got)
-    print(f"logits {rel(got['logits'], ref['logits']):.2e}  "
-          f"loss {abs(float(got['loss'][0]) - float(ref['loss'][0])):.2e}  "
-          f"worst grad {worst[0]:.2e} ({worst[1]})  missing grads {len(missing)}")
+# fastllm's configuration names -> hf_baseline.py's.
+PEER_NAMES = {"mistral-7b": "mistral-7b", "mistral-0.85b": "mistral-0.85b",
+              "mixtral-8e": "mixtral-8e-2.4b"}
 
 
-def table(fastllm_path, hf_path):
-    ours = [json.loads(line) for line in open(fastllm_path) if line.startswith("{")]
+def profile_text(r):
+    p = r.get("profile_s")
+    if not p:
+        return "-"
+    return "/".join(f"{1e3 * p.get(k, 0):.0f}" for k in ("forward", "backward", "grad_norm",
+                                                        "optimizer"))
+
+
+def line(text):
+    r = json.loads(text)
+    if r.get("peer") == "device":
+        return (f"{r.get('device', '?')}, torch {r.get('torch', '?')}, bf16 GEMM "
+                f"{r.get('gemm_bf16_tflops', 0):.0f} TFLOP/s")
+    if "error" in r:
+        who = " ".join(str(w) for w in (r.get("model"), r.get("mode")) if w)
+        return f"{who} error: {str(r['error'])[:160]}"
+    name = r["model"]
+    if r.get("peer"):
+        name += f" HF {r['mode']}{' +recompute' if r.get('recompute') else ''}"
+    else:
+        name += f" fastllm {r.get('dtype', '')} recompute={r.get('recompute', '?')}"
+        if r.get("attention_kernel"):
+            name += f" attention={r['attention_kernel']}"
+    text = (f"{name}: {r['tokens_per_s']:,.0f} tokens/s, {r['model_tflops']:.0f} TFLOP/s, "
+            f"peak {r['peak_gib']:.1f} GiB")
+    if r.get("profile_s"):
+        text += f", forward/backward/norm/optimizer ms {profile_text(r)}"
+    return text
+
+
+def recorded_peers(anchors):
+    """Recorded peer runs in hf_peer.py's form, from the anchors JSON files."""
+    runs = []
     try:
-        hf = json.load(open(hf_path))
+        with open(os.path.join(anchors, "hf-pytorch-h200.json")) as f:
+            plain = json.load(f)
+        for key, r in plain.items():
+            if key.startswith("hf_") and isinstance(r, dict) and "tokens_per_s" in r:
+                model = ("mistral-7b" if "mistral7b" in key else
+                         "mistral-0.85b" if "mistral1b" in key else "mixtral-8e-2.4b")
+                runs.append({"model": model, "mode": r["mode"], "recompute": r["ckpt"],
+                             "compile": r["compile"], "tokens_per_s": r["tokens_per_s"],
+                             "peak_gib": r["peak_gib"], "layers": None})
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        with open(os.path.join(anchors, "hf-pytorch-h200-compiled.json")) as f:
+            for r in json.load(f):
+                runs.append(dict(r, layers=None))
     except (OSError, ValueError):
-        hf = {"runs": []}
-    names = {"mistral-7b": "mistral-7b", "mistral-0.85b": "mistral-0.85b",
-             "mixtral-8e": "mixtral-8e-2.4b"}
-    print(f"device: {hf.get('device', '?')}  measured bf16 GEMM {hf.get('gemm_bf16_tflops', 0):.0f} "
-          f"TFLOP/s, copy {hf.get('copy_TBps', 0):.2f} TB/s")
-    print(f"{'model':<15}{'layers':>7}{'tokens':>8} | {'fastllm tok/s':>13}{'TFLOP/s':>9}"
-          f"{'MFU':>7}{'GiB':>7} | {'HF (mode)':>16}{'tok/s':>9}{'TFLOP/s':>9}{'GiB':>7} | "
-          f"{'ratio':>6}")
+        pass
+    return runs
+
+
+def table(results_path, anchors):
+    results = []
+    with open(results_path) as f:
+        for text in f:
+            try:
+                results.append(json.loads(text))
+            except ValueError:
+                continue
+    device = next((r for r in results if r.get("stage") == "device"), {})
+    ours = [r for r in results if r.get("stage") == "throughput"]
+    live = [r for r in results if r.get("peer") == "live" and "tokens_per_s" in r]
+    recorded = recorded_peers(anchors)
+    print()
+    print(f"card: {device.get('name', '?')} ({device.get('memory_mib', 0) / 1024:.0f} GiB)")
+    tests = [r for r in results if r.get("stage") == "tests"]
+    if tests:
+        bad = [r["name"] for r in tests if r.get("rc")]
+        print(f"GPU tests: {len(tests) - len(bad)} of {len(tests)} executables passed"
+              + (f"; failed: {', '.join(bad)}" if bad else ""))
+    probes = [r for r in results if r.get("stage") == "probe"]
+    if probes:
+        bad = [f"{r['fixture']} {r['dtype']}" for r in probes if not r.get("ok")]
+        print(f"fixture probes: {len(probes) - len(bad)} of {len(probes)} within tolerance"
+              + (f"; beyond: {', '.join(bad)}" if bad else ""))
+    head = (f"{'model':<14}{'layers':>6} {'recompute':<10}{'fastllm tok/s':>14}{'TFLOP/s':>8}"
+            f"{'GiB':>6}  {'fwd/bwd/norm/opt ms':<20}{'peer (numerics)':<22}{'tok/s':>8}"
+            f"{'ratio':>7}{'compiled peer':>14}{'ratio':>7}")
+    print(head)
+    print("-" * len(head))
     for r in ours:
-        peers = [p for p in hf.get("runs", []) if p.get("model") == names[r["model"]]]
-        best = max((p for p in peers if "tokens_per_s" in p), key=lambda p: p["tokens_per_s"],
-                   default=None)
-        tokens = r["micro_batch"] * r["seq"]
-        left = f"{r['model']:<15}{r['layers']:>7}{tokens:>8} | "
-        if "error" in r:
-            left += f"error: {r['error'][:60]}"
-            print(left)
+        model = r.get("model", "?")
+        peer_model = PEER_NAMES.get(model, model)
+        recompute = r.get("recompute", "none") != "none"
+        left = f"{model:<14}{r.get('layers', '-'):>6} {r.get('recompute', '?'):<10}"
+        if "tokens_per_s" not in r:
+            print(left + "error (see the logs)")
             continue
-        left += (f"{r['tokens_per_s']:>13,.0f}{r['model_tflops']:>9.0f}{r['mfu_vs_989']:>7.1%}"
-                 f"{r['peak_gib']:>7.1f} | ")
-        if best:
-            mode = best["mode"] + ("+compile" if best.get("compile") else "")
-            right = (f"{mode:>16}{best['tokens_per_s']:>9,.0f}{best['model_tflops']:>9.0f}"
-                     f"{best['peak_gib']:>7.1f} | {r['tokens_per_s'] / best['tokens_per_s']:>6.2f}")
+        left += (f"{r['tokens_per_s']:>14,.0f}{r['model_tflops']:>8.0f}{r['peak_gib']:>6.1f}  "
+                 f"{profile_text(r):<20}")
+        # The peer in fastllm's numerics (autocast bf16, fp32 master weights and AdamW) with the
+        # same recompute choice: measured in this run, else recorded on an H200.
+        same = [p for p in live if p["model"] == peer_model and p["mode"] == "amp"
+                and bool(p.get("recompute")) == recompute and p.get("layers") == r.get("layers")]
+        source = "live"
+        full_size = model != "mistral-7b" or r.get("layers") == 32
+        if not same and full_size:
+            same = [p for p in recorded if p["model"] == peer_model and p["mode"] == "amp"
+                    and bool(p.get("recompute")) == recompute and not p.get("compile")]
+            source = "recorded"
+        if same:
+            p = same[0]
+            label = f"amp{'+recompute' if recompute else ''} ({source})"
+            left += (f"{label:<22}{p['tokens_per_s']:>8,.0f}"
+                     f"{r['tokens_per_s'] / p['tokens_per_s']:>7.2f}")
         else:
-            errors = [p.get("error", "") for p in peers]
-            right = f"{'no peer':>16} {errors[0][:40] if errors else ''}"
-        print(left + right)
+            left += f"{'none':<22}{'-':>8}{'-':>7}"
+        compiled = [p for p in recorded if p["model"] == peer_model and p.get("compile")]
+        if compiled and full_size:
+            best = max(compiled, key=lambda p: p["tokens_per_s"])
+            left += f"{best['tokens_per_s']:>14,.0f}{r['tokens_per_s'] / best['tokens_per_s']:>7.2f}"
+        else:
+            left += f"{'-':>14}{'-':>7}"
+        print(left)
+    others = [p for p in live if not any(
+        PEER_NAMES.get(r.get("model")) == p["model"] and p["mode"] == "amp" and
+        bool(p.get("recompute")) == (r.get("recompute", "none") != "none") for r in ours)]
+    for p in others:
+        print(f"  peer also: {line(json.dumps(p))}")
+    print("compiled peer: transformers + torch.compile, recorded on an H200 (../shared/anchors); "
+          "ratio = fastllm / peer")
 
 
 if __name__ == "__main__":
-    {"probe": probe, "table": table}[sys.argv[1]](*sys.argv[2:])
+    if len(sys.argv) == 3 and sys.argv[1] == "line":
+        print(line(sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "table":
+        table(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(__doc__)

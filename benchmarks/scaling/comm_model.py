@@ -55,7 +55,7 @@ class Layout:
         return self.tp * self.pp * self.dp
 
     def rank(self, tp, dp, pp):
-        # DESIGN.md section 5: tensor fastest, then data, then pipeline.
+        # docs/DESIGN.md section 5: tensor fastest, then data, then pipeline.
         return tp + self.tp * (dp + self.dp * pp)
 
 
@@ -131,7 +131,7 @@ def total_parameters(a):
 
 
 def flops_per_token(a, sequence):
-    """DESIGN.md section 7: 6 x matmul weights used per token (LM head included, embedding not)
+    """docs/DESIGN.md section 7: 6 x matmul weights used per token (LM head included, embedding not)
     + 6 x layers x heads x head_dim x attended context."""
     h = a.hidden
     attention = 2 * h * a.heads * a.head_dim + 2 * h * a.kv_heads * a.head_dim
@@ -262,7 +262,7 @@ def assumptions(run, machine):
         f"sequence {run.sequence}, micro-batch {run.micro_batch}, global batch {run.global_batch} "
         f"samples ({run.global_batch * run.sequence / 1e6:.2f} M tokens) per step; 1F1B pipeline; "
         f"activation recomputation {'on' if run.recompute else 'off'}; no sequence parallelism",
-        f"step compute time = model FLOPs (DESIGN.md section 7) / (GPUs x "
+        f"step compute time = model FLOPs (docs/DESIGN.md section 7) / (GPUs x "
         f"{machine.peak_flops / 1e12:.0f} TFLOP/s x MFU {machine.mfu:.0%}); a collective's share "
         "is its time over that, as if nothing overlapped",
         "bytes = what one rank sends per step (it receives as much); ring all-reduce 2(n-1)/n of "

@@ -1,8 +1,14 @@
-// PyTorch's AdamW on f32 master weights, one pass over a parameter (or a flat run of them).
+// PyTorch's AdamW on f32 master weights: one pass over a parameter (or a flat run of them), and
+// the fused pass over many runs that also writes the compute-dtype weights and clears the
+// gradients.
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_backend_impl.h"
+#include "kernels/cuda/cuda_util.h"
 #include "kernels/cuda/device_util.cuh"
+#include "kernels/flat_ranges.h"
 
 namespace fastllm::cuda {
 namespace {
@@ -13,24 +19,63 @@ struct AdamScalars {
   bool lerp_from_start;
 };
 
-// The operation order of torch's single-tensor AdamW, as in the host backend.
+// One element's update, in the operation order of torch's single-tensor AdamW, as in the host
+// backend; decay = 1 - lr * weight_decay.
+__device__ __forceinline__ float adamw_element(const AdamScalars& s, float decay, float gi,
+                                               float& p, float& m, float& v) {
+  gi *= s.grad_scale;
+  const float pi = p * decay;
+  const float mo = m;
+  // torch's lerp(m, g, w) picks its formula by w.
+  const float mi = s.lerp_from_start ? mo + s.avg_weight * (gi - mo) : gi - (gi - mo) * s.avg_keep;
+  const float vi = v * s.beta2 + s.sq_weight * gi * gi;
+  const float denom = sqrtf(vi) / s.correction2_sqrt + s.eps;
+  m = mi;
+  v = vi;
+  p = pi + s.neg_step_size * mi / denom;
+  return p;
+}
+
 template <class G>
 __global__ void adamw_kernel(float* p, const G* g, float* m, float* v, AdamScalars s,
                              std::int64_t n) {
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const float gi = to_f32(g[i]) * s.grad_scale;
-    const float pi = p[i] * s.decay;
-    const float mo = m[i];
-    // torch's lerp(m, g, w) picks its formula by w.
-    const float mi =
-        s.lerp_from_start ? mo + s.avg_weight * (gi - mo) : gi - (gi - mo) * s.avg_keep;
-    const float vi = v[i] * s.beta2 + s.sq_weight * gi * gi;
-    const float denom = sqrtf(vi) / s.correction2_sqrt + s.eps;
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = pi + s.neg_step_size * mi / denom;
-  }
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+    adamw_element(s, s.decay, to_f32(g[i]), p[i], m[i], v[i]);
+}
+
+// Each block sweeps its span of the runs' concatenation; W is the weights' dtype (void: none).
+template <class G, class W>
+__global__ void adamw_runs_kernel(const RangeRun* runs, int run_count, std::int64_t span,
+                                  std::int64_t total, float* p, G* g, float* m, float* v,
+                                  W* weights, bool zero_grad, AdamScalars s) {
+  const std::int64_t lo = blockIdx.x * span;
+  const std::int64_t hi = lo + span < total ? lo + span : total;
+  walk_span(runs, run_count, lo, hi, threadIdx.x, blockDim.x,
+            [&](const RangeRun& r, std::int64_t i) {
+              const float updated = adamw_element(s, r.decay, to_f32(g[i]), p[i], m[i], v[i]);
+              if constexpr (!std::is_void_v<W>) weights[i] = from_f32<W>(updated);
+              if (zero_grad) g[i] = from_f32<G>(0.0f);
+            });
+}
+
+AdamScalars scalars_for(float lr, float beta1, float beta2, float eps, float weight_decay,
+                        std::int64_t step, float grad_scale) {
+  const double lr_d = lr;
+  AdamScalars s{};
+  s.decay = static_cast<float>(1.0 - lr_d * weight_decay);
+  s.avg_weight = static_cast<float>(1.0 - static_cast<double>(beta1));
+  s.avg_keep = 1.0f - s.avg_weight;
+  s.lerp_from_start = s.avg_weight < 0.5f;
+  s.sq_weight = static_cast<float>(1.0 - static_cast<double>(beta2));
+  s.beta2 = beta2;
+  const double correction1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
+  const double correction2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
+  s.neg_step_size = static_cast<float>(-(lr_d / correction1));
+  s.correction2_sqrt = static_cast<float>(std::sqrt(correction2));
+  s.eps = eps;
+  s.grad_scale = grad_scale;
+  return s;
 }
 
 }  // namespace
@@ -48,24 +93,61 @@ void CudaBackend::adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_av
   require_numel(grad, n, op, "grad");
   require(step >= 1, op, "step counts from 1");
   if (n == 0) return;
-  const double lr_d = lr;
-  AdamScalars s{};
-  s.decay = static_cast<float>(1.0 - lr_d * weight_decay);
-  s.avg_weight = static_cast<float>(1.0 - static_cast<double>(beta1));
-  s.avg_keep = 1.0f - s.avg_weight;
-  s.lerp_from_start = s.avg_weight < 0.5f;
-  s.sq_weight = static_cast<float>(1.0 - static_cast<double>(beta2));
-  s.beta2 = beta2;
-  const double correction1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
-  const double correction2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
-  s.neg_step_size = static_cast<float>(-(lr_d / correction1));
-  s.correction2_sqrt = static_cast<float>(std::sqrt(correction2));
-  s.eps = eps;
-  s.grad_scale = grad_scale;
+  const AdamScalars s = scalars_for(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
   dispatch_float(grad.dtype, op, [&]<class G>() {
     adamw_kernel<G><<<grid_for(n, 256), 256, 0, stream()>>>(
         param.as<float>(), grad.as<G>(), exp_avg.as<float>(), exp_avg_sq.as<float>(), s, n);
     FASTLLM_CUDA_LAUNCHED();
+  });
+}
+
+void CudaBackend::adamw_ranges(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq,
+                               Tensor weights, const std::vector<AdamWRange>& ranges,
+                               const AdamWStepScalars& scalars, bool zero_grad) {
+  const char* op = "adamw_ranges";
+  const std::int64_t n = param.numel();
+  for (const Tensor* t : {&param, &exp_avg, &exp_avg_sq}) {
+    require_dtype(*t, DType::F32, op, "a tensor");
+    require_numel(*t, n, op, "a tensor");
+  }
+  require_float(grad, op, "grad");
+  require_numel(grad, n, op, "grad");
+  const bool write_weights = weights.data != nullptr;
+  if (write_weights) {
+    require_float(weights, op, "weights");
+    require_numel(weights, n, op, "weights");
+  }
+  require(scalars.step >= 1, op, "step counts from 1");
+  RangeRuns runs = concatenate(ranges, n, op);
+  if (runs.total == 0) return;
+  // Rounded as adamw and the host backend round it: in double, once.
+  for (RangeRun& r : runs.runs)
+    r.decay = static_cast<float>(1.0 - static_cast<double>(scalars.lr) * r.weight_decay);
+  const AdamScalars s = scalars_for(scalars.lr, scalars.beta1, scalars.beta2, scalars.eps, 0.0f,
+                                    scalars.step, scalars.grad_scale);
+  const std::size_t table_bytes = runs.runs.size() * sizeof(RangeRun);
+  Buffer table = scratch(table_bytes);
+  FASTLLM_CUDA_CHECK(cudaMemcpyAsync(table.data(), runs.runs.data(), table_bytes,
+                                     cudaMemcpyHostToDevice, stream()));
+  constexpr int kThreads = 256;
+  const std::int64_t blocks = std::min<std::int64_t>((runs.total + kThreads - 1) / kThreads,
+                                                     std::int64_t{multiprocessors()} * 16);
+  const std::int64_t span = span_per_block(runs.total, blocks);
+  const auto grid = static_cast<unsigned>((runs.total + span - 1) / span);
+  const auto* table_runs = static_cast<const RangeRun*>(table.data());
+  const int run_count = static_cast<int>(runs.runs.size());
+  dispatch_float(grad.dtype, op, [&]<class G>() {
+    auto launch = [&]<class W>(W* out) {
+      adamw_runs_kernel<G, W><<<grid, kThreads, 0, stream()>>>(
+          table_runs, run_count, span, runs.total, param.as<float>(), grad.as<G>(),
+          exp_avg.as<float>(), exp_avg_sq.as<float>(), out, zero_grad, s);
+      FASTLLM_CUDA_LAUNCHED();
+    };
+    if (!write_weights || weights.data == param.data) {
+      launch(static_cast<void*>(nullptr));
+    } else {
+      dispatch_float(weights.dtype, op, [&]<class W>() { launch(weights.as<W>()); });
+    }
   });
 }
 

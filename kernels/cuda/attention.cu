@@ -850,8 +850,8 @@ void allow_shared(Kernel kernel, std::size_t bytes, std::size_t limit, const cha
 
 }  // namespace
 
-void CudaBackend::attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
-                                    Tensor lse) {
+void CudaBackend::own_attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window,
+                                        Tensor out, Tensor lse) {
   const char* op = "attention_forward";
   const Geometry g = geometry(op, q, k, v, window);
   require_shape(out, q.dtype, {g.batch, g.seq, g.heads, g.dim}, op, "out");
@@ -882,9 +882,9 @@ void CudaBackend::attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t w
   });
 }
 
-void CudaBackend::attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
-                                     Tensor dout, std::int64_t window, Tensor dq, Tensor dk,
-                                     Tensor dv) {
+void CudaBackend::own_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                         Tensor dout, std::int64_t window, Tensor dq, Tensor dk,
+                                         Tensor dv) {
   const char* op = "attention_backward";
   const Geometry g = geometry(op, q, k, v, window);
   require_shape(out, q.dtype, {g.batch, g.seq, g.heads, g.dim}, op, "out");

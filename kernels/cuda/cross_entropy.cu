@@ -61,6 +61,28 @@ __global__ void cross_entropy_backward_kernel(const TL* logits, const std::int32
   }
 }
 
+__global__ void cross_entropy_rescale_kernel(float* row_sumexp, const float* slice_max,
+                                             const float* global_max, std::int64_t rows) {
+  const std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (r < rows)
+    row_sumexp[r] = static_cast<float>(row_sumexp[r] * exp(static_cast<double>(slice_max[r]) -
+                                                           static_cast<double>(global_max[r])));
+}
+
+// One block: the rows of a micro-batch are few next to its vocabulary.
+__global__ void cross_entropy_loss_kernel(const float* row_max, const float* row_sumexp,
+                                          const float* target_logit, const std::int32_t* targets,
+                                          std::int64_t rows, double* out) {
+  __shared__ double shared[32];
+  double acc = 0.0;
+  for (std::int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+    if (targets[r] >= 0)
+      acc += log(static_cast<double>(row_sumexp[r])) + row_max[r] - target_logit[r];
+  }
+  acc = block_sum(acc, shared);
+  if (threadIdx.x == 0) *out = acc;
+}
+
 unsigned row_blocks(std::int64_t rows) {
   return static_cast<unsigned>(std::clamp<std::int64_t>(rows, 1, 65535));
 }
@@ -112,6 +134,42 @@ void CudaBackend::cross_entropy_backward(Tensor logits, Tensor targets, std::int
       FASTLLM_CUDA_LAUNCHED();
     });
   });
+}
+
+void CudaBackend::cross_entropy_rescale(Tensor row_sumexp, Tensor slice_max, Tensor global_max) {
+  const char* op = "cross_entropy_rescale";
+  const std::int64_t rows = row_sumexp.numel();
+  for (const Tensor* t : {&row_sumexp, &slice_max, &global_max}) {
+    require_dtype(*t, DType::F32, op, "a statistic");
+    require_numel(*t, rows, op, "a statistic");
+  }
+  if (rows == 0) return;
+  const auto blocks = static_cast<unsigned>((rows + kThreads - 1) / kThreads);
+  cross_entropy_rescale_kernel<<<blocks, kThreads, 0, stream()>>>(
+      row_sumexp.as<float>(), slice_max.as<float>(), global_max.as<float>(), rows);
+  FASTLLM_CUDA_LAUNCHED();
+}
+
+double CudaBackend::cross_entropy_loss(Tensor row_max, Tensor row_sumexp, Tensor target_logit,
+                                       Tensor targets) {
+  const char* op = "cross_entropy_loss";
+  const std::int64_t rows = targets.numel();
+  require_dtype(targets, DType::I32, op, "targets");
+  for (const Tensor* t : {&row_max, &row_sumexp, &target_logit}) {
+    require_dtype(*t, DType::F32, op, "a statistic");
+    require_numel(*t, rows, op, "a statistic");
+  }
+  if (rows == 0) return 0.0;
+  Buffer result = scratch(sizeof(double));
+  auto* out = static_cast<double*>(result.data());
+  cross_entropy_loss_kernel<<<1, kThreads, 0, stream()>>>(
+      row_max.as<float>(), row_sumexp.as<float>(), target_logit.as<float>(),
+      targets.as<std::int32_t>(), rows, out);
+  FASTLLM_CUDA_LAUNCHED();
+  double total = 0.0;
+  FASTLLM_CUDA_CHECK(cudaMemcpyAsync(&total, out, sizeof total, cudaMemcpyDeviceToHost, stream()));
+  FASTLLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  return total;
 }
 
 }  // namespace fastllm::cuda

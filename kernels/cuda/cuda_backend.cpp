@@ -35,7 +35,7 @@ bool cuda_device_available() {
   return count > 0;
 }
 
-std::unique_ptr<Backend> make_cuda_backend(DType compute, int device) {
+std::unique_ptr<Backend> make_cuda_backend(DType compute, int device, AttentionKernel attention) {
   if (compute != DType::F32 && compute != DType::BF16)
     throw std::invalid_argument(std::string("make_cuda_backend: compute dtype ") +
                                 dtype_name(compute) + ", expected f32 or bf16");
@@ -51,7 +51,7 @@ std::unique_ptr<Backend> make_cuda_backend(DType compute, int device) {
   if (device >= count)
     throw std::invalid_argument("make_cuda_backend: device " + std::to_string(device) +
                                 ", expected < " + std::to_string(count));
-  return std::make_unique<cuda::CudaBackend>(compute, device);
+  return std::make_unique<cuda::CudaBackend>(compute, device, attention);
 }
 
 void* cuda_stream(Backend& backend) {
@@ -62,6 +62,10 @@ CudaMemoryStats cuda_memory_stats(Backend& backend) {
   return cuda::as_cuda(backend).memory_stats();
 }
 
+CudaKernelStats cuda_kernel_stats(Backend& backend) {
+  return cuda::as_cuda(backend).kernel_stats();
+}
+
 namespace cuda {
 
 CudaBackend& as_cuda(Backend& backend) {
@@ -70,15 +74,18 @@ CudaBackend& as_cuda(Backend& backend) {
   return *cuda;
 }
 
-CudaBackend::CudaBackend(DType compute, int device)
-    : compute_(compute), device_(device), allocator_(std::make_shared<CachingAllocator>(device)) {
+CudaBackend::CudaBackend(DType compute, int device, AttentionKernel attention)
+    : compute_(compute),
+      device_(device),
+      attention_kernel_(attention),
+      allocator_(std::make_shared<CachingAllocator>(device)) {
   FASTLLM_CUDA_CHECK(cudaSetDevice(device_));
   cudaDeviceProp prop{};
   FASTLLM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
   multiprocessors_ = prop.multiProcessorCount;
   max_shared_per_block_ = prop.sharedMemPerBlockOptin;
-  const char* attention = std::getenv("FASTLLM_CUDA_ATTENTION");
-  tensor_core_attention_ = !(attention && std::string(attention) == "simt");
+  const char* own_attention = std::getenv("FASTLLM_CUDA_ATTENTION");
+  tensor_core_attention_ = !(own_attention && std::string(own_attention) == "simt");
   cudaStream_t stream = nullptr;
   FASTLLM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   stream_.reset(stream);
@@ -97,6 +104,8 @@ CudaBackend::CudaBackend(DType compute, int device)
 CudaBackend::~CudaBackend() {
   // Kernels may still read buffers whose owners go with this backend.
   cudaStreamSynchronize(stream_.get());
+  // cuDNN's handle runs on the stream: it goes first.
+  cudnn_.reset();
 }
 
 Buffer CudaBackend::allocate(std::size_t bytes) {

@@ -1,5 +1,5 @@
 #pragma once
-// The CUDA backend (DESIGN.md section 4): every op of kernels/backend.h on one GPU, one stream.
+// The CUDA backend (docs/DESIGN.md section 4): each op of kernels/backend.h on one GPU, one stream.
 // Each op's forward and backward live side by side in one file of this folder (attention.cu,
 // rmsnorm.cu, ...), as on the host.
 //
@@ -21,6 +21,7 @@
 #include "kernels/backend.h"
 #include "kernels/cuda/allocator.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/lru_cache.h"
 
 namespace fastllm::cuda {
 
@@ -37,9 +38,13 @@ struct PinnedDeleter {
 // A cuBLASLt matmul set up once per GEMM shape, dtype and pointer alignment.
 struct GemmPlan;
 
+// cuDNN's handle and the fused-attention graphs built for the shapes met (cudnn_attention.cpp);
+// held by a shared_ptr, which may be destroyed where the type is incomplete.
+class CudnnAttention;
+
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(DType compute, int device);
+  CudaBackend(DType compute, int device, AttentionKernel attention = AttentionKernel::Cudnn);
   ~CudaBackend() override;
 
   std::string name() const override { return "cuda"; }
@@ -55,6 +60,7 @@ class CudaBackend final : public Backend {
   void add(Tensor y, Tensor x, float alpha) override;
   void scale(Tensor y, float alpha) override;
   double sum_squares(Tensor x) override;
+  double sum_squares_ranges(Tensor x, const std::vector<FlatRange>& ranges) override;
 
   void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
             Tensor a, Tensor b, float beta, Tensor c) override;
@@ -91,6 +97,9 @@ class CudaBackend final : public Backend {
   void cross_entropy_backward(Tensor logits, Tensor targets, std::int64_t vocab_offset,
                               Tensor row_max, Tensor row_sumexp, float grad_scale,
                               Tensor dlogits) override;
+  void cross_entropy_rescale(Tensor row_sumexp, Tensor slice_max, Tensor global_max) override;
+  double cross_entropy_loss(Tensor row_max, Tensor row_sumexp, Tensor target_logit,
+                            Tensor targets) override;
 
   void router_forward(Tensor logits, int top_k, Tensor probs, Tensor topk_index,
                       Tensor topk_weight) override;
@@ -107,6 +116,13 @@ class CudaBackend final : public Backend {
   void adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr, float beta1,
              float beta2, float eps, float weight_decay, std::int64_t step,
              float grad_scale) override;
+  void adamw_ranges(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, Tensor weights,
+                    const std::vector<AdamWRange>& ranges, const AdamWStepScalars& scalars,
+                    bool zero_grad) override;
+
+  void rope_at(Tensor x, double theta, std::int64_t offset) override;
+  void attention_cached(Tensor q, Tensor k_cache, Tensor v_cache, std::int64_t offset,
+                        std::int64_t window, Tensor out) override;
 
   // ---- for the op files ----
   cudaStream_t stream() const { return stream_.get(); }
@@ -114,6 +130,9 @@ class CudaBackend final : public Backend {
   int multiprocessors() const { return multiprocessors_; }
   std::size_t max_shared_per_block() const { return max_shared_per_block_; }
   CudaMemoryStats memory_stats() const { return allocator_->stats(); }
+  CudaKernelStats kernel_stats() const {
+    return {gemm_fallbacks_, cudnn_attention_calls_, own_attention_calls_};
+  }
   // Device memory for one op's intermediates; released to the cache when the Buffer goes, which
   // is safe because later work runs after the op on the same stream.
   Buffer scratch(std::size_t bytes) { return allocator_->allocate(bytes); }
@@ -125,6 +144,18 @@ class CudaBackend final : public Backend {
   const float* rope_table(double theta, std::int64_t seq, std::int64_t dim, bool want_sin);
 
  private:
+  // fastllm's own attention kernels (attention.cu).
+  void own_attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
+                             Tensor lse);
+  void own_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout,
+                              std::int64_t window, Tensor dq, Tensor dk, Tensor dv);
+  // cuDNN's fused SDPA when chosen and it takes the case (bf16 tensors of consistent shapes, a
+  // graph cuDNN supports); false: the caller runs the own kernel.
+  bool cudnn_attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
+                               Tensor lse);
+  bool cudnn_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout,
+                                std::int64_t window, Tensor dq, Tensor dk, Tensor dv);
+
   void gemm_lt(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
                float alpha, Tensor a, Tensor b, float beta, Tensor c);
   GemmPlan* gemm_plan(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
@@ -136,16 +167,26 @@ class CudaBackend final : public Backend {
   // Attention on the tensor cores where the kernels take the case (FASTLLM_CUDA_ATTENTION=simt
   // turns them off, for comparison).
   bool tensor_core_attention_ = true;
+  AttentionKernel attention_kernel_ = AttentionKernel::Cudnn;
+  std::shared_ptr<CudnnAttention> cudnn_;
   std::size_t max_shared_per_block_ = 0;
   std::shared_ptr<CachingAllocator> allocator_;
   std::unique_ptr<CUstream_st, StreamDeleter> stream_;
   std::unique_ptr<cublasLtContext, LtHandleDeleter> lt_;
   std::unique_ptr<void, PinnedDeleter> flag_;
   Buffer gemm_workspace_;
-  std::map<
-      std::tuple<int, int, std::int64_t, std::int64_t, std::int64_t, int, int, int, int, int, int>,
-      std::unique_ptr<GemmPlan>>
-      gemm_plans_;
+  // Transpositions, m, n, k, dtypes of a, b, c and their pointers' alignments.
+  using GemmKey =
+      std::tuple<int, int, std::int64_t, std::int64_t, std::int64_t, int, int, int, int, int, int>;
+  // Counts a GEMM the own kernel runs and reports its shape on stderr the first time.
+  void gemm_fallback(const GemmKey& key, const char* why);
+  // Bounded: under MoE the row counts change every step, and each would otherwise stay. Held by
+  // shared_ptr, whose deleter is fixed where GemmPlan is complete (matmul.cu).
+  LruCache<GemmKey, std::shared_ptr<GemmPlan>> gemm_plans_{256};
+  LruCache<GemmKey, bool> gemm_fallbacks_reported_{1024};
+  std::int64_t gemm_fallbacks_ = 0;
+  std::int64_t cudnn_attention_calls_ = 0;
+  std::int64_t own_attention_calls_ = 0;
   struct RopeTables {
     double theta = 0;
     std::int64_t seq = 0;

@@ -2,6 +2,7 @@
 #include "kernels/cuda/cuda_backend_impl.h"
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/map.cuh"
+#include "kernels/flat_ranges.h"
 
 namespace fastllm::cuda {
 namespace {
@@ -38,6 +39,22 @@ __global__ void sum_squares_kernel(const T* x, std::int64_t n, double* partials)
     const double v = to_f32(x[i]);
     acc += v * v;
   }
+  acc = block_sum(acc, shared);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+// The multi-tensor form: each block sums its span of the runs' concatenation.
+template <class T>
+__global__ void sum_squares_runs_kernel(const T* x, const RangeRun* runs, int run_count,
+                                        std::int64_t span, std::int64_t total, double* partials) {
+  __shared__ double shared[32];
+  double acc = 0.0;
+  const std::int64_t lo = blockIdx.x * span;
+  const std::int64_t hi = lo + span < total ? lo + span : total;
+  walk_span(runs, run_count, lo, hi, threadIdx.x, blockDim.x, [&](const RangeRun&, std::int64_t i) {
+    const double v = to_f32(x[i]);
+    acc += v * v;
+  });
   acc = block_sum(acc, shared);
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
@@ -100,6 +117,36 @@ double CudaBackend::sum_squares(Tensor x) {
   double total = 0.0;
   FASTLLM_CUDA_CHECK(
       cudaMemcpyAsync(&total, p + blocks, sizeof total, cudaMemcpyDeviceToHost, stream()));
+  FASTLLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  return total;
+}
+
+double CudaBackend::sum_squares_ranges(Tensor x, const std::vector<FlatRange>& ranges) {
+  const char* op = "sum_squares_ranges";
+  require_float(x, op, "x");
+  const RangeRuns runs = concatenate(ranges, x.numel(), op);
+  if (runs.total == 0) return 0.0;
+  const std::int64_t blocks =
+      std::min<std::int64_t>(kSumBlocks, (runs.total + kThreads - 1) / kThreads);
+  const std::int64_t span = span_per_block(runs.total, blocks);
+  const int grid = static_cast<int>((runs.total + span - 1) / span);
+  const std::size_t table_bytes = runs.runs.size() * sizeof(RangeRun);
+  // One scratch allocation: the partial sums (doubles) first, then the run table.
+  Buffer work = scratch(static_cast<std::size_t>(grid + 1) * sizeof(double) + table_bytes);
+  auto* p = static_cast<double*>(work.data());
+  auto* table = reinterpret_cast<RangeRun*>(p + grid + 1);
+  FASTLLM_CUDA_CHECK(
+      cudaMemcpyAsync(table, runs.runs.data(), table_bytes, cudaMemcpyHostToDevice, stream()));
+  dispatch_float(x.dtype, op, [&]<class T>() {
+    sum_squares_runs_kernel<T><<<grid, kThreads, 0, stream()>>>(
+        x.as<T>(), table, static_cast<int>(runs.runs.size()), span, runs.total, p);
+    FASTLLM_CUDA_LAUNCHED();
+  });
+  sum_partials_kernel<<<1, kThreads, 0, stream()>>>(p, grid, p + grid);
+  FASTLLM_CUDA_LAUNCHED();
+  double total = 0.0;
+  FASTLLM_CUDA_CHECK(
+      cudaMemcpyAsync(&total, p + grid, sizeof total, cudaMemcpyDeviceToHost, stream()));
   FASTLLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
   return total;
 }

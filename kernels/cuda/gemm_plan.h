@@ -3,7 +3,9 @@
 // GEMM of that kind and reused for every later one.
 #include <cublasLt.h>
 
+#include <cstdint>
 #include <memory>
+#include <tuple>
 #include <type_traits>
 
 namespace fastllm::cuda {
@@ -22,8 +24,10 @@ struct GemmPlan {
   Layout a, b, c;  // cuBLASLt's A, B, C (= D), column-major
   cublasLtMatmulAlgo_t algo{};
   // No cuBLASLt algorithm takes this case (odd leading dimensions or alignments): the backend's
-  // own tiled kernel runs it instead.
+  // own tiled kernel runs it instead, counted and reported (CudaBackend::gemm_fallback).
   bool fallback = false;
+  const char* fallback_reason = "";
+  std::tuple<int, int, std::int64_t, std::int64_t, std::int64_t, int, int, int, int, int, int> key;
 };
 
 }  // namespace fastllm::cuda

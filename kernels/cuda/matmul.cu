@@ -2,6 +2,7 @@
 // add and its gradient.
 #include <cublasLt.h>
 
+#include <cstdio>
 #include <string>
 
 #include "kernels/cuda/column_sums.cuh"
@@ -107,15 +108,22 @@ Buffer converted(CudaBackend& be, const Tensor& x, DType to, Tensor& out) {
 GemmPlan* CudaBackend::gemm_plan(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n,
                                  std::int64_t k, const Tensor& a, const Tensor& b,
                                  const Tensor& c) {
-  const auto key =
-      std::make_tuple(int(trans_a), int(trans_b), m, n, k, int(a.dtype), int(b.dtype), int(c.dtype),
-                      alignment(a.data), alignment(b.data), alignment(c.data));
-  auto found = gemm_plans_.find(key);
-  if (found != gemm_plans_.end()) return found->second.get();
+  const GemmKey key{int(trans_a),
+                    int(trans_b),
+                    m,
+                    n,
+                    k,
+                    int(a.dtype),
+                    int(b.dtype),
+                    int(c.dtype),
+                    alignment(a.data),
+                    alignment(b.data),
+                    alignment(c.data)};
+  if (std::shared_ptr<GemmPlan>* found = gemm_plans_.find(key)) return found->get();
 
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLASLt's A is our b and
   // its B is our a, each with the same transposition flag.
-  auto plan = std::make_unique<GemmPlan>();
+  auto plan = std::make_shared<GemmPlan>();
   cublasLtMatmulDesc_t desc = nullptr;
   lt_check(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "MatmulDescCreate");
   plan->desc.reset(desc);
@@ -172,12 +180,30 @@ GemmPlan* CudaBackend::gemm_plan(bool trans_a, bool trans_b, std::int64_t m, std
   const cublasStatus_t status =
       cublasLtMatmulAlgoGetHeuristic(lt_.get(), desc, plan->a.get(), plan->b.get(), plan->c.get(),
                                      plan->c.get(), pref, 1, &result, &found_count);
+  plan->key = key;
   if (status == CUBLAS_STATUS_SUCCESS && found_count > 0) {
     plan->algo = result.algo;
   } else {
     plan->fallback = true;
+    plan->fallback_reason = "cuBLASLt's heuristic offers no algorithm";
   }
-  return gemm_plans_.emplace(key, std::move(plan)).first->second.get();
+  return gemm_plans_.insert(key, std::move(plan)).get();
+}
+
+void CudaBackend::gemm_fallback(const GemmKey& key, const char* why) {
+  ++gemm_fallbacks_;
+  if (gemm_fallbacks_reported_.find(key)) return;
+  gemm_fallbacks_reported_.insert(key, true);
+  const auto [trans_a, trans_b, m, n, k, a_dtype, b_dtype, c_dtype, align_a, align_b, align_c] =
+      key;
+  std::fprintf(stderr,
+               "fastllm: GEMM m=%lld n=%lld k=%lld (trans_a %d, trans_b %d, dtypes %s/%s/%s, "
+               "alignments %d/%d/%d bytes): %s, so fastllm's slow fallback kernel runs it "
+               "(reported once per shape)\n",
+               static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k),
+               trans_a, trans_b, dtype_name(static_cast<DType>(a_dtype)),
+               dtype_name(static_cast<DType>(b_dtype)), dtype_name(static_cast<DType>(c_dtype)),
+               align_a, align_b, align_c, why);
 }
 
 void CudaBackend::gemm_lt(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n,
@@ -194,7 +220,9 @@ void CudaBackend::gemm_lt(bool trans_a, bool trans_b, std::int64_t m, std::int64
     }
     // The heuristic offered an algorithm the call then refused: this case takes the own kernel.
     plan->fallback = true;
+    plan->fallback_reason = "cuBLASLt refused the algorithm its heuristic offered";
   }
+  gemm_fallback(plan->key, plan->fallback_reason);
   const dim3 grid(static_cast<unsigned>((n + 15) / 16), static_cast<unsigned>((m + 15) / 16));
   dispatch_float(a.dtype, "gemm", [&]<class TA>() {
     dispatch_float(b.dtype, "gemm", [&]<class TB>() {

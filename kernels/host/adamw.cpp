@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/host/host_backend.h"
@@ -32,20 +33,10 @@ void adamw_range(const AdamWStep& s, float* p, const float* g, float* m, float* 
   }
 }
 
-}  // namespace
-
-void HostBackend::adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr,
-                        float beta1, float beta2, float eps, float weight_decay, std::int64_t step,
-                        float grad_scale) {
-  const char* op = "adamw";
-  const std::int64_t n = param.numel();
-  for (const Tensor* t : {&param, &grad, &exp_avg, &exp_avg_sq}) {
-    host::require_dtype(*t, DType::F32, op, "a tensor");
-    host::require_numel(*t, n, op, "a tensor");
-  }
-  host::require(step >= 1, op, "step counts from 1");
-  // The scalars are formed in double and rounded to float once, and each update follows the
-  // operation order of torch's single-tensor AdamW, so that trajectories agree to rounding.
+// The scalars are formed in double and rounded to float once, and each update follows the
+// operation order of torch's single-tensor AdamW, so that trajectories agree to rounding.
+AdamWStep make_step(float lr, float beta1, float beta2, float eps, float weight_decay,
+                    std::int64_t step, float grad_scale) {
   const double lr_d = lr;
   AdamWStep st{};
   st.decay = static_cast<float>(1.0 - lr_d * weight_decay);
@@ -60,10 +51,10 @@ void HostBackend::adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_av
   st.correction2_sqrt = static_cast<float>(std::sqrt(correction2));
   st.eps = eps;
   st.grad_scale = grad_scale;
-  float* p = param.as<float>();
-  const float* g = grad.as<float>();
-  float* m = exp_avg.as<float>();
-  float* v = exp_avg_sq.as<float>();
+  return st;
+}
+
+void update(const AdamWStep& st, float* p, const float* g, float* m, float* v, std::int64_t n) {
 #pragma omp parallel if (n > (1 << 15))
   {
     const std::int64_t threads = omp_get_num_threads();
@@ -71,6 +62,54 @@ void HostBackend::adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_av
     const std::int64_t begin = n * thread / threads;
     const std::int64_t end = n * (thread + 1) / threads;
     if (end > begin) adamw_range(st, p + begin, g + begin, m + begin, v + begin, end - begin);
+  }
+}
+
+}  // namespace
+
+void HostBackend::adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr,
+                        float beta1, float beta2, float eps, float weight_decay, std::int64_t step,
+                        float grad_scale) {
+  const char* op = "adamw";
+  const std::int64_t n = param.numel();
+  for (const Tensor* t : {&param, &grad, &exp_avg, &exp_avg_sq}) {
+    host::require_dtype(*t, DType::F32, op, "a tensor");
+    host::require_numel(*t, n, op, "a tensor");
+  }
+  host::require(step >= 1, op, "step counts from 1");
+  update(make_step(lr, beta1, beta2, eps, weight_decay, step, grad_scale), param.as<float>(),
+         grad.as<float>(), exp_avg.as<float>(), exp_avg_sq.as<float>(), n);
+}
+
+void HostBackend::adamw_ranges(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq,
+                               Tensor weights, const std::vector<AdamWRange>& ranges,
+                               const AdamWStepScalars& s, bool zero_grad) {
+  const char* op = "adamw_ranges";
+  const std::int64_t n = param.numel();
+  for (const Tensor* t : {&param, &grad, &exp_avg, &exp_avg_sq}) {
+    host::require_dtype(*t, DType::F32, op, "a tensor");
+    host::require_numel(*t, n, op, "a tensor");
+  }
+  const bool write_weights = weights.data != nullptr;
+  if (write_weights) {
+    host::require_dtype(weights, DType::F32, op, "weights");
+    host::require_numel(weights, n, op, "weights");
+  }
+  host::require(s.step >= 1, op, "step counts from 1");
+  for (const AdamWRange& r : ranges)
+    host::require(r.begin >= 0 && r.count >= 0 && r.begin + r.count <= n, op,
+                  "a range outside the buffers");
+  float* p = param.as<float>();
+  float* g = grad.as<float>();
+  float* m = exp_avg.as<float>();
+  float* v = exp_avg_sq.as<float>();
+  for (const AdamWRange& r : ranges) {
+    const std::int64_t b = r.begin;
+    update(make_step(s.lr, s.beta1, s.beta2, s.eps, r.weight_decay, s.step, s.grad_scale), p + b,
+           g + b, m + b, v + b, r.count);
+    if (write_weights && weights.data != param.data)
+      std::copy(p + b, p + b + r.count, weights.as<float>() + b);
+    if (zero_grad) std::fill(g + b, g + b + r.count, 0.0f);
   }
 }
 

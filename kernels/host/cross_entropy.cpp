@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -105,6 +106,40 @@ void HostBackend::cross_entropy_backward(Tensor logits, Tensor targets, std::int
     const std::int64_t local = static_cast<std::int64_t>(target[r]) - vocab_offset;
     if (local >= 0 && local < vocab) dr[local] -= grad_scale;
   }
+}
+
+void HostBackend::cross_entropy_rescale(Tensor row_sumexp, Tensor slice_max, Tensor global_max) {
+  const char* op = "cross_entropy_rescale";
+  const std::int64_t rows = row_sumexp.numel();
+  for (const Tensor* t : {&row_sumexp, &slice_max, &global_max}) {
+    host::require_dtype(*t, DType::F32, op, "a statistic");
+    host::require_numel(*t, rows, op, "a statistic");
+  }
+  float* sum = row_sumexp.as<float>();
+  const float* slice = slice_max.as<float>();
+  const float* global = global_max.as<float>();
+  for (std::int64_t r = 0; r < rows; ++r)
+    sum[r] = static_cast<float>(sum[r] * std::exp(static_cast<double>(slice[r]) - global[r]));
+}
+
+double HostBackend::cross_entropy_loss(Tensor row_max, Tensor row_sumexp, Tensor target_logit,
+                                       Tensor targets) {
+  const char* op = "cross_entropy_loss";
+  const std::int64_t rows = targets.numel();
+  host::require_dtype(targets, DType::I32, op, "targets");
+  for (const Tensor* t : {&row_max, &row_sumexp, &target_logit}) {
+    host::require_dtype(*t, DType::F32, op, "a statistic");
+    host::require_numel(*t, rows, op, "a statistic");
+  }
+  const float* mx = row_max.as<float>();
+  const float* se = row_sumexp.as<float>();
+  const float* tl = target_logit.as<float>();
+  const std::int32_t* target = targets.as<std::int32_t>();
+  double sum = 0.0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    if (target[r] >= 0) sum += std::log(static_cast<double>(se[r])) + mx[r] - tl[r];
+  }
+  return sum;
 }
 
 }  // namespace fastllm

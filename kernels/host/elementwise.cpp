@@ -40,4 +40,17 @@ double HostBackend::sum_squares(Tensor x) {
   return total;
 }
 
+double HostBackend::sum_squares_ranges(Tensor x, const std::vector<FlatRange>& ranges) {
+  host::require_dtype(x, DType::F32, "sum_squares_ranges", "x");
+  const Tensor flat = x.view({x.numel()});
+  double total = 0.0;
+  for (const FlatRange& r : ranges) {
+    host::require(r.begin >= 0 && r.count >= 0 && r.begin + r.count <= x.numel(),
+                  "sum_squares_ranges", "a range outside x");
+    // Range by range as sum_squares sums, so that the two agree to the last bit.
+    total += sum_squares(flat.rows(r.begin, r.count));
+  }
+  return total;
+}
+
 }  // namespace fastllm

@@ -1,6 +1,7 @@
 #pragma once
 // The reference backend: fp32 on the CPU, OpenMP loops, GEMMs through OpenBLAS. Each op's forward
 // and backward live side by side in one file of this folder (attention.cpp, rmsnorm.cpp, ...).
+#include <atomic>
 #include <memory>
 
 #include "kernels/backend.h"
@@ -12,6 +13,12 @@ class HostBackend final : public Backend {
   std::string name() const override { return "host"; }
   DType compute_dtype() const override { return DType::F32; }
 
+  // Bytes held by this backend's live buffers (as requested), now and at most since it was made
+  // or the peak was last reset: what the memory plan of `fastllm inspect` is checked against.
+  std::size_t bytes_in_use() const { return usage_->in_use; }
+  std::size_t peak_bytes() const { return usage_->peak; }
+  void reset_peak() { usage_->peak = usage_->in_use.load(); }
+
   Buffer allocate(std::size_t bytes) override;
   void copy_from_host(Tensor dst, const void* src) override;
   void copy_to_host(void* dst, Tensor src) override;
@@ -22,6 +29,7 @@ class HostBackend final : public Backend {
   void add(Tensor y, Tensor x, float alpha) override;
   void scale(Tensor y, float alpha) override;
   double sum_squares(Tensor x) override;
+  double sum_squares_ranges(Tensor x, const std::vector<FlatRange>& ranges) override;
 
   void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
             Tensor a, Tensor b, float beta, Tensor c) override;
@@ -58,6 +66,9 @@ class HostBackend final : public Backend {
   void cross_entropy_backward(Tensor logits, Tensor targets, std::int64_t vocab_offset,
                               Tensor row_max, Tensor row_sumexp, float grad_scale,
                               Tensor dlogits) override;
+  void cross_entropy_rescale(Tensor row_sumexp, Tensor slice_max, Tensor global_max) override;
+  double cross_entropy_loss(Tensor row_max, Tensor row_sumexp, Tensor target_logit,
+                            Tensor targets) override;
 
   void router_forward(Tensor logits, int top_k, Tensor probs, Tensor topk_index,
                       Tensor topk_weight) override;
@@ -74,6 +85,20 @@ class HostBackend final : public Backend {
   void adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr, float beta1,
              float beta2, float eps, float weight_decay, std::int64_t step,
              float grad_scale) override;
+  void adamw_ranges(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, Tensor weights,
+                    const std::vector<AdamWRange>& ranges, const AdamWStepScalars& scalars,
+                    bool zero_grad) override;
+
+  void rope_at(Tensor x, double theta, std::int64_t offset) override;
+  void attention_cached(Tensor q, Tensor k_cache, Tensor v_cache, std::int64_t offset,
+                        std::int64_t window, Tensor out) override;
+
+ private:
+  struct Usage {
+    std::atomic<std::size_t> in_use{0}, peak{0};
+  };
+  // Shared with the buffers' release functions, which may run after the backend is gone.
+  std::shared_ptr<Usage> usage_ = std::make_shared<Usage>();
 };
 
 }  // namespace fastllm

@@ -100,12 +100,23 @@ float from_bf16(std::uint16_t value) {
 }  // namespace
 
 Buffer HostBackend::allocate(std::size_t bytes) {
+  const std::shared_ptr<Usage> usage = usage_;
+  auto count = [&] {
+    const std::size_t now = usage->in_use += bytes;
+    std::size_t peak = usage->peak;
+    while (now > peak && !usage->peak.compare_exchange_weak(peak, now)) {
+    }
+  };
   if (bytes < BlockCache::kMinBytes) {
     // aligned_alloc wants a non-zero multiple of the alignment.
     const std::size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
     void* data = std::aligned_alloc(kAlignment, rounded == 0 ? kAlignment : rounded);
     if (!data) throw std::bad_alloc();
-    return Buffer(data, bytes, [](void* p) { std::free(p); });
+    count();
+    return Buffer(data, bytes, [usage, bytes](void* p) {
+      usage->in_use -= bytes;
+      std::free(p);
+    });
   }
   BlockCache& cache = block_cache();
   const std::size_t size = BlockCache::size_class(bytes);
@@ -117,7 +128,11 @@ Buffer HostBackend::allocate(std::size_t bytes) {
     data = std::aligned_alloc(kAlignment, size);
   }
   if (!data) throw std::bad_alloc();
-  return Buffer(data, bytes, [&cache, size](void* p) { cache.give(p, size); });
+  count();
+  return Buffer(data, bytes, [&cache, size, usage, bytes](void* p) {
+    usage->in_use -= bytes;
+    cache.give(p, size);
+  });
 }
 
 void HostBackend::copy_from_host(Tensor dst, const void* src) {

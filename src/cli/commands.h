@@ -14,5 +14,6 @@ int run_convert(const Args& args);
 int run_export(const Args& args);
 int run_train(const Args& args);
 int run_prepare(const Args& args);
+int run_generate(const Args& args);
 
 }  // namespace fastllm

@@ -1,17 +1,16 @@
 // `fastllm convert` (Hugging Face folder -> HDF5 checkpoint, the one-time resharding) and
 // `fastllm export` (HDF5 checkpoint -> Hugging Face folder that transformers loads).
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "cli/commands.h"
 #include "config/architecture.h"
 #include "io/error.h"
-#include "io/half.h"
-#include "io/safetensors.h"
+#include "io/tokenizer.h"
 #include "kernels/host/host_backend.h"
+#include "model/hf_export.h"
 #include "model/hf_weights.h"
 #include "parallel/mpi_session.h"
 #include "train/checkpoint.h"
@@ -21,8 +20,11 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// The converted checkpoint's configuration records its source folder, so that export finds the
+// tokenizer there.
 std::string resolved_json(const ModelConfig& config) {
   nlohmann::ordered_json j;
+  j["pretrained_checkpoint_path"] = config.checkpoint_path;
   for (const auto& [name, rv] : config.resolved)
     j[name] = rv.value;
   return j.dump();
@@ -47,53 +49,41 @@ std::int64_t parse_size(const std::string& text) {
   throw UserError("--max_shard_size=" + text + ": expected a size such as 5GB, 500MB or 200KB");
 }
 
+// A value of a checkpoint's saved configuration (flag name -> value as written, a string or
+// number); nullopt when absent or empty.
+std::optional<std::string> saved_value(const nlohmann::json& saved, const char* key) {
+  if (!saved.is_object() || !saved.contains(key) || saved[key].is_null()) return std::nullopt;
+  const auto& v = saved[key];
+  std::string text = v.is_string() ? v.get<std::string>() : v.dump();
+  if (text.empty()) return std::nullopt;
+  return text;
+}
+
+std::int64_t saved_int(const nlohmann::json& saved, const char* key) {
+  const auto v = saved_value(saved, key);
+  return v ? Options::parse_int(key, *v) : 0;
+}
+
 // The run settings a checkpoint was saved with (its resolved configuration).
-RunSettings run_settings_of(const std::string& config_json) {
+RunSettings run_settings_of(const nlohmann::json& saved) {
   RunSettings run;
-  const auto j = nlohmann::json::parse(config_json, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) return run;
-  auto get = [&](const char* key) { return j.contains(key) ? j[key].get<std::string>() : ""; };
-  if (!get("window_size").empty()) run.window_size = std::stoll(get("window_size"));
-  if (!get("moe_aux_loss_coeff").empty())
-    run.moe_aux_loss_coeff = std::stod(get("moe_aux_loss_coeff"));
-  if (!get("max_sequence_length").empty())
-    run.max_sequence_length = std::stoll(get("max_sequence_length"));
+  run.window_size = saved_int(saved, "window_size");
+  if (const auto v = saved_value(saved, "moe_aux_loss_coeff"))
+    run.moe_aux_loss_coeff = Options::parse_float("moe_aux_loss_coeff", *v);
+  run.max_sequence_length = saved_int(saved, "max_sequence_length");
   return run;
 }
 
-nlohmann::ordered_json hf_config(const Architecture& a, const RunSettings& run, bool bf16) {
-  auto unsupported = [](const std::string& what) {
-    throw UserError(
-        "export: " + what +
-        " has no Hugging Face Mistral/Mixtral equivalent; this model cannot be exported");
-  };
-  if (a.normalization != NormType::RMSNorm) unsupported("--normalization_type=layer_norm");
-  if (a.add_linear_biases) unsupported("--add_linear_biases=1");
-  if (!a.gated) unsupported("--gated=0");
-  nlohmann::ordered_json j;
-  j["architectures"] = {a.is_moe() ? "MixtralForCausalLM" : "MistralForCausalLM"};
-  j["model_type"] = a.is_moe() ? "mixtral" : "mistral";
-  j["vocab_size"] = a.vocab_size;
-  j["hidden_size"] = a.hidden_size;
-  j["intermediate_size"] = a.ffn_hidden_size;
-  j["num_hidden_layers"] = a.num_layers;
-  j["num_attention_heads"] = a.num_attention_heads;
-  j["num_key_value_heads"] = a.head_groups;
-  j["head_dim"] = a.kv_channels;
-  j["hidden_act"] = a.activation == Activation::GeLU ? "gelu" : "silu";
-  j["rms_norm_eps"] = a.norm_epsilon;
-  j["rope_theta"] = a.rope_theta();
-  j["sliding_window"] = run.window_size > 0 ? nlohmann::ordered_json(run.window_size) : nullptr;
-  j["max_position_embeddings"] = run.max_sequence_length > 0 ? run.max_sequence_length : 32768;
-  j["tie_word_embeddings"] = a.tie_word_embeddings;
-  if (a.is_moe()) {
-    j["num_local_experts"] = a.num_experts;
-    j["num_experts_per_tok"] = a.num_experts_per_token;
-    j["router_aux_loss_coef"] = run.moe_aux_loss_coeff;
-    j["output_router_logits"] = false;
+// The tokenizer to ship when --tokenizer is not given: the tokenizer.model of the Hugging Face
+// folder the run started from, else none (with a note, since transformers then cannot tokenize).
+std::optional<Tokenizer> recorded_tokenizer(const nlohmann::json& saved) {
+  if (const auto source = saved_value(saved, "pretrained_checkpoint_path")) {
+    if (fs::is_regular_file(fs::path(*source) / "tokenizer.model")) return Tokenizer(*source);
   }
-  j["torch_dtype"] = bf16 ? "bfloat16" : "float32";
-  return j;
+  std::cerr << "export: note: no tokenizer exported (no --tokenizer, and the run records no "
+               "Hugging Face folder holding a tokenizer.model); config.json names Mistral's <s> 1 "
+               "and </s> 2; pass --tokenizer=tokenizer.model to ship it\n";
+  return std::nullopt;
 }
 
 }  // namespace
@@ -106,6 +96,7 @@ int run_convert(const Args& args) {
     return 0;
   }
   const ModelConfig config = resolve_model(options);
+  check_pretrained_weights(config);
   if (config.checkpoint_path.empty() || !config.load_weights)
     throw UserError(
         "convert needs --pretrained_checkpoint_path=<Hugging Face folder> and "
@@ -142,8 +133,12 @@ int run_export(const Args& args) {
   const std::string load = options.get_string("load"), output = options.get_string("output");
   if (load.empty()) throw UserError("--load is required: a checkpoint folder or file");
   if (output.empty()) throw UserError("--output is required: the Hugging Face folder to write");
-  const bool bf16 = options.get_string("dtype") == "bf16";
-  const std::int64_t max_shard = parse_size(options.get_string("max_shard_size"));
+  HfExportSettings settings;
+  settings.bf16 = options.get_string("dtype") == "bf16";
+  settings.max_shard_bytes = parse_size(options.get_string("max_shard_size"));
+  const bool overwrite = options.get_bool("overwrite");
+  std::optional<Tokenizer> tokenizer;
+  if (!options.get_string("tokenizer").empty()) tokenizer.emplace(options.get_string("tokenizer"));
 
   MpiSession mpi;
   std::string path = load;
@@ -152,62 +147,26 @@ int run_export(const Args& args) {
     if (found.empty()) throw UserError("--load=" + load + ": no checkpoint-*.h5 in the folder");
     path = found.back();
   }
-  const Architecture arch = checkpoint_architecture(path, mpi.world());
+  check_export_target(output, overwrite, path);
+  settings.arch = checkpoint_architecture(path, mpi.world());
   HostBackend backend;
-  Model model(backend, arch, RunSettings{});
+  Model model(backend, settings.arch, RunSettings{});
   const TrainState state = load_checkpoint(path, model, nullptr, mpi.world());
-  const nlohmann::ordered_json config = hf_config(arch, run_settings_of(state.config_json), bf16);
   if (mpi.rank() != 0) return 0;
 
-  // Every tensor converted, then grouped into shards of at most max_shard bytes in model order.
-  std::vector<std::vector<std::byte>> data;
-  std::vector<SafetensorsTensor> tensors;
-  for (const Parameter& p : model.parameters()) {
-    const std::vector<float> values = model.read_weight(p);
-    std::vector<std::byte> bytes(values.size() * (bf16 ? 2 : 4));
-    if (bf16) {
-      for (std::size_t i = 0; i < values.size(); ++i) {
-        const std::uint16_t b = f32_to_bf16(values[i]);
-        std::memcpy(bytes.data() + 2 * i, &b, 2);
-      }
-    } else {
-      std::memcpy(bytes.data(), values.data(), bytes.size());
-    }
-    data.push_back(std::move(bytes));
-    tensors.push_back({p.name, bf16 ? SafetensorsDtype::BF16 : SafetensorsDtype::F32, p.shape, {}});
-  }
-  std::vector<std::vector<SafetensorsTensor>> shards(1);
-  std::int64_t shard_bytes = 0, total = 0;
-  for (std::size_t i = 0; i < tensors.size(); ++i) {
-    tensors[i].data = data[i];
-    const auto size = static_cast<std::int64_t>(data[i].size());
-    if (!shards.back().empty() && shard_bytes + size > max_shard) {
-      shards.emplace_back();
-      shard_bytes = 0;
-    }
-    shards.back().push_back(tensors[i]);
-    shard_bytes += size;
-    total += size;
-  }
-  fs::create_directories(output);
-  const std::map<std::string, std::string> metadata{{"format", "pt"}};
-  if (shards.size() == 1) {
-    write_safetensors(fs::path(output) / "model.safetensors", shards[0], metadata);
-  } else {
-    nlohmann::ordered_json index;
-    index["metadata"] = {{"total_size", total}};
-    for (std::size_t s = 0; s < shards.size(); ++s) {
-      char name[64];
-      std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, shards.size());
-      write_safetensors(fs::path(output) / name, shards[s], metadata);
-      for (const auto& t : shards[s])
-        index["weight_map"][t.name] = name;
-    }
-    std::ofstream(fs::path(output) / "model.safetensors.index.json") << index.dump(2) << "\n";
-  }
-  std::ofstream(fs::path(output) / "config.json") << config.dump(2) << "\n";
-  std::cout << "exported " << path << " -> " << output << " (" << shards.size() << " file"
-            << (shards.size() > 1 ? "s" : "") << ", " << (bf16 ? "bf16" : "fp32") << ")\n";
+  const auto saved = nlohmann::json::parse(state.config_json, nullptr, false);
+  settings.run = run_settings_of(saved);
+  // The imported context length, else the length the model was trained at.
+  settings.max_position_embeddings = settings.run.max_sequence_length > 0
+                                         ? settings.run.max_sequence_length
+                                         : saved_int(saved, "sequence_length");
+  if (!tokenizer) tokenizer = recorded_tokenizer(saved);
+  settings.tokenizer = tokenizer ? &*tokenizer : nullptr;
+  const int files = export_hf_model(model, settings, output, overwrite);
+  std::cout << "exported " << path << " -> " << output << " (" << files << " file"
+            << (files > 1 ? "s" : "") << ", " << (settings.bf16 ? "bf16" : "fp32")
+            << (tokenizer ? ", tokenizer " + tokenizer->path() : std::string(", no tokenizer"))
+            << ")\n";
   return 0;
 }
 

@@ -1,4 +1,5 @@
 // `fastllm inspect`: what a run will be, before any GPU hour is spent.
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -6,7 +7,11 @@
 
 #include "cli/commands.h"
 #include "config/architecture.h"
-#include "parallel/layout.h"
+#include "config/layout.h"
+#include "io/error.h"
+#include "model/hf_weights.h"
+#include "model/memory_plan.h"
+#include "model/parameters.h"
 
 namespace fastllm {
 namespace {
@@ -27,25 +32,32 @@ std::string gib(double bytes) {
 }
 
 // Bytes per parameter of a mixed-precision run: bf16 weights, fp32 gradients, fp32 master
-// weights and the two AdamW moments (sharded over data parallel with ZeRO-1).
+// weights and the two AdamW moments (sharded over data parallel with ZeRO-1, the gradients too
+// with ZeRO-2).
 constexpr double kWeightBytes = 2, kGradientBytes = 4, kOptimizerBytes = 12;
+// The tokens per sample planned for when --sequence_length is not given.
+constexpr std::int64_t kDefaultSequence = 4096;
 
 }  // namespace
 
 int run_inspect(const Args& args) {
-  Options options("inspect", {FlagGroup::Model, FlagGroup::Layout, FlagGroup::Inspect});
+  // The flags of the run it plans (train's), of which it reads the shape of a micro-batch.
+  Options options("inspect", {FlagGroup::Model, FlagGroup::Layout, FlagGroup::Inspect,
+                              FlagGroup::Train, FlagGroup::Backend});
   options.parse(args);
   if (options.help_requested()) {
     std::cout << options.help_text();
     return 0;
   }
   const ModelConfig model = resolve_model(options);
+  check_pretrained_weights(model);
   Layout layout;
   layout.tensor_parallel = static_cast<int>(options.get_int("tensor_parallel"));
   layout.pipeline_parallel = static_cast<int>(options.get_int("pipeline_parallel"));
   layout.data_parallel = static_cast<int>(options.get_int("data_parallel"));
   layout.zero_stage = static_cast<int>(options.get_int("zero_stage"));
-  validate_layout(layout, model.arch);
+  layout.sequence_parallel = options.get_bool("sequence_parallel");
+  layout.validate(model.arch);
   const ParameterCount count = count_parameters(model.arch);
 
   nlohmann::ordered_json report;
@@ -62,20 +74,63 @@ int run_inspect(const Args& args) {
                       {"tensor_parallel", layout.tensor_parallel},
                       {"pipeline_parallel", layout.pipeline_parallel},
                       {"world_size", layout.world_size()},
-                      {"zero_stage", layout.zero_stage}};
-  const double optimizer_shards = layout.zero_stage == 1 ? layout.data_parallel : 1;
+                      {"zero_stage", layout.zero_stage},
+                      {"sequence_parallel", layout.sequence_parallel}};
+  ActivationShape shape;
+  shape.micro_batch_size = options.get_int("micro_batch_size");
+  shape.sequence_length =
+      options.is_set("sequence_length") ? options.get_int("sequence_length") : kDefaultSequence;
+  shape.recompute = parse_recompute(options.get_string("recompute"));
+  shape.dtype_bytes = options.get_string("dtype") == "fp32" ? 4 : 2;
+  for (const char* flag : {"micro_batch_size", "sequence_length"}) {
+    const std::int64_t v = flag[0] == 'm' ? shape.micro_batch_size : shape.sequence_length;
+    if (v < 1)
+      throw UserError("--" + std::string(flag) + "=" + std::to_string(v) +
+                      ": expected a positive integer");
+  }
+  // Micro-batches of one step per data-parallel rank, when the batch is given.
+  const std::int64_t per_step =
+      options.is_set("batch_size")
+          ? std::max<std::int64_t>(
+                1, options.get_int("batch_size") / (layout.data_parallel * shape.micro_batch_size))
+          : layout.pipeline_parallel;
+  const double device_bytes = options.get_float("device_memory") * 1e9;
+  report["activations"] = {{"micro_batch_size", shape.micro_batch_size},
+                           {"sequence_length", shape.sequence_length},
+                           {"recompute", recompute_name(shape.recompute)},
+                           {"dtype_bytes", shape.dtype_bytes},
+                           {"device_bytes", device_bytes}};
+  const double optimizer_shards = layout.zero_stage >= 1 ? layout.data_parallel : 1;
+  // ZeRO-2 keeps the gradients of this rank's shard, and one bucket (a layer, or the embedding or
+  // LM head slice) of the micro-batch being reduced.
+  const bool zero2 = layout.zero_stage == 2 && layout.data_parallel > 1;
+  const double bucket_bytes =
+      kGradientBytes *
+      std::max(static_cast<double>(count.per_layer) / layout.tensor_parallel,
+               static_cast<double>(layout.vocab_slice(model.arch.vocab_size, 0).rows *
+                                   model.arch.hidden_size));
   for (int stage = 0; stage < layout.pipeline_parallel; ++stage) {
-    const LayerRange layers = stage_layers(model.arch.num_layers, layout.pipeline_parallel, stage);
+    const LayerRange layers = layout.stage_layers(model.arch.num_layers, stage);
     const double params = static_cast<double>(rank_parameters(model.arch, layout, stage));
-    const double weights = params * kWeightBytes, grads = params * kGradientBytes,
+    const double weights = params * kWeightBytes,
+                 grads = zero2 ? params * kGradientBytes / layout.data_parallel + bucket_bytes
+                               : params * kGradientBytes,
                  optimizer = params * kOptimizerBytes / optimizer_shards;
+    shape.in_flight = std::min<std::int64_t>(layout.pipeline_parallel - stage, per_step);
+    const ActivationMemory a = activation_memory(model.arch, layout, stage, shape);
+    const double total = weights + grads + optimizer + a.total();
     report["stages"].push_back({{"stage", stage},
                                 {"layers", {layers.begin, layers.end}},
                                 {"parameters_per_rank", static_cast<std::int64_t>(params)},
                                 {"weight_bytes", weights},
                                 {"gradient_bytes", grads},
                                 {"optimizer_bytes", optimizer},
-                                {"total_bytes", weights + grads + optimizer}});
+                                {"micro_batches_in_flight", shape.in_flight},
+                                {"activation_bytes", a.activations},
+                                {"logits_bytes", a.logits},
+                                {"transient_bytes", a.transient},
+                                {"total_bytes", total},
+                                {"fits", total <= device_bytes}});
   }
 
   if (options.get_string("format") == "json") {
@@ -99,15 +154,24 @@ int run_inspect(const Args& args) {
       << grouped(count.per_layer) << ", final norm " << grouped(count.final_norm) << ")\n\n";
   out << "layout: data " << layout.data_parallel << " x tensor " << layout.tensor_parallel
       << " x pipeline " << layout.pipeline_parallel << " = " << layout.world_size()
-      << " ranks, ZeRO-1 " << (layout.zero_stage == 1 ? "on" : "off") << "\n";
+      << " ranks, ZeRO stage " << layout.zero_stage
+      << (layout.sequence_parallel ? ", sequence parallel" : "") << "\n";
   out << "memory per rank (bf16 weights, fp32 gradients, fp32 master weights + AdamW moments; "
-         "activations not included):\n";
+         "activations of micro-batches of "
+      << shape.micro_batch_size << " x " << shape.sequence_length << " tokens, "
+      << (shape.dtype_bytes == 2 ? "bf16" : "fp32")
+      << ", --recompute=" << recompute_name(shape.recompute) << "):\n";
   for (const auto& s : report["stages"]) {
     out << "  stage " << s["stage"].get<int>() << " (layers " << s["layers"][0].get<std::int64_t>()
         << "-" << s["layers"][1].get<std::int64_t>() - 1
         << "): " << grouped(s["parameters_per_rank"].get<std::int64_t>()) << " parameters, weights "
         << gib(s["weight_bytes"]) << ", gradients " << gib(s["gradient_bytes"]) << ", optimizer "
-        << gib(s["optimizer_bytes"]) << ", total " << gib(s["total_bytes"]) << "\n";
+        << gib(s["optimizer_bytes"]) << ", activations " << gib(s["activation_bytes"]) << " ("
+        << s["micro_batches_in_flight"].get<std::int64_t>() << " micro-batch"
+        << (s["micro_batches_in_flight"].get<std::int64_t>() > 1 ? "es" : "")
+        << " in flight), logits and loss " << gib(s["logits_bytes"]) << ", largest transient "
+        << gib(s["transient_bytes"]) << "; total " << gib(s["total_bytes"]) << " of "
+        << gib(device_bytes) << (s["fits"].get<bool>() ? "" : ": DOES NOT FIT") << "\n";
   }
   std::cout << out.str();
   return 0;

@@ -30,6 +30,7 @@ int run_prepare(const Args& args) {
                                  : InputFormat::kAuto;
   p.split_lines = options.get_bool("split_lines");
   p.json_key = options.get_string("json_key");
+  p.prepend_bos = options.get_bool("prepend_bos");
   p.append_eos = options.get_bool("append_eos");
 
   // prepare_dataset reports progress and a summary itself (rank 0, stderr).

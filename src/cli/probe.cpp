@@ -6,12 +6,13 @@
 
 #include "cli/commands.h"
 #include "config/architecture.h"
+#include "config/layout.h"
 #include "io/error.h"
 #include "io/safetensors.h"
 #include "model/hf_weights.h"
 #include "model/model.h"
 #include "parallel/backend_setup.h"
-#include "parallel/layout.h"
+#include "parallel/finalize.h"
 #include "parallel/mpi_session.h"
 #include "parallel/pipeline.h"
 #include "parallel/topology.h"
@@ -84,47 +85,43 @@ std::vector<float> gather_logits(const Model& model, const Topology& topo,
   const Layout& l = topo.layout;
   const std::int64_t vocab = model.arch().vocab_size,
                      tokens = whole.batch * whole.seq / l.data_parallel;
-  const std::int64_t slice = vocab_per_rank(vocab, l.tensor_parallel);
   std::vector<float> out(topo.rank == 0 ? static_cast<std::size_t>(whole.batch * whole.seq * vocab)
                                         : 0);
   std::vector<float> part;
   for (int d = 0; d < l.data_parallel; ++d) {
     for (int t = 0; t < l.tensor_parallel; ++t) {
-      const int source = t + l.tensor_parallel * (d + l.data_parallel * (l.pipeline_parallel - 1));
-      const std::int64_t begin = t * slice, rows = std::min(slice, vocab - begin);
-      part.resize(static_cast<std::size_t>(tokens * rows));
+      const int source = l.rank_of({t, d, l.pipeline_parallel - 1});
+      const VocabSlice slice = l.vocab_slice(vocab, t);
+      part.resize(static_cast<std::size_t>(tokens * slice.rows));
       to_rank0(topo, source, part.data(), part.size(),
                topo.rank == source ? local.at(0).data() : nullptr);
       if (topo.rank != 0) continue;
       for (std::int64_t i = 0; i < tokens; ++i)
-        std::copy_n(part.begin() + i * rows, rows,
-                    out.begin() + ((d * tokens + i) * vocab + begin));
+        std::copy_n(part.begin() + i * slice.rows, slice.rows,
+                    out.begin() + ((d * tokens + i) * vocab + slice.begin));
     }
   }
   return out;
 }
 
-// Every whole gradient, in parameter_shapes order, on rank 0, from the ranks of data-parallel
+// Every whole gradient, in parameter-table order, on rank 0, from the ranks of data-parallel
 // replica 0 that hold its parts (the first of any replicas of a part).
 std::vector<std::vector<float>> gather_gradients(Model& model, const Topology& topo) {
   const Layout& l = topo.layout;
   const Architecture& arch = model.arch();
-  const std::vector<ParameterShape> shapes = parameter_shapes(arch);
-  std::vector<std::vector<float>> out(shapes.size());
+  std::vector<std::vector<float>> out(parameter_table(arch).size());
   // Rank 0 lists the parameters each rank of replica 0 holds (the table only, no weights) and
   // receives the primary parts in that order from their holders.
   for (int pp = 0; pp < l.pipeline_parallel; ++pp) {
     for (int tp = 0; tp < l.tensor_parallel; ++tp) {
-      const int source = tp + l.tensor_parallel * l.data_parallel * pp;
+      const int source = l.rank_of({tp, 0, pp});
       std::vector<Parameter> held;
       if (topo.rank == source) {
         held = model.parameters();
       } else if (topo.rank == 0) {
         ModelPartition partition;
-        partition.tensor_parallel = l.tensor_parallel;
-        partition.tp_rank = tp;
-        partition.pipeline_parallel = l.pipeline_parallel;
-        partition.pp_rank = pp;
+        partition.layout = l;
+        partition.at = l.coordinates(source);
         held = partition_parameters(arch, partition);
       } else {
         continue;
@@ -158,6 +155,7 @@ int run_probe(const Args& args) {
     return 0;
   }
   const ModelConfig config = resolve_model(options);
+  check_pretrained_weights(config);
   const std::string input = options.get_string("input"), output = options.get_string("output");
   if (input.empty()) throw UserError("--input is required: a safetensors file with input_ids");
   if (output.empty()) throw UserError("--output is required: where to write the results");
@@ -165,6 +163,7 @@ int run_probe(const Args& args) {
 
   MpiSession mpi;
   const Layout layout = resolve_layout(options, mpi.size(), config.arch);
+  layout.validate_sequence(whole.seq, input + ": the sequence length of input_ids");
   const int dp = layout.data_parallel;
   if (whole.batch % dp != 0)
     throw UserError(input + ": input_ids has a batch of " + std::to_string(whole.batch) +
@@ -183,7 +182,8 @@ int run_probe(const Args& args) {
   mb.targets.assign(whole.targets.begin() + topo.dp_rank * tokens,
                     whole.targets.begin() + (topo.dp_rank + 1) * tokens);
 
-  Model model(*backend, config.arch, config.run, model_partition(topo));
+  Model model(*backend, config.arch, config.run, model_partition(topo),
+              parse_recompute(options.get_string("recompute")));
   if (config.load_weights) {
     load_hf_weights(model, config.checkpoint_path);
   } else {
@@ -197,19 +197,15 @@ int run_probe(const Args& args) {
   std::vector<std::vector<float>> logits;
   const PipelineTotals totals =
       pipeline.forward_backward({mb}, 1.0 / static_cast<double>(predicted), coeff / dp, &logits);
-  sync_replicated_gradients(model, topo);
-  topo.data->all_reduce(model.flat_grads(), ReduceOp::Sum);
-
-  const bool reports = topo.last_stage() && topo.tp_rank == 0;
-  double sums[2] = {reports ? totals.ce_sum : 0.0, reports ? totals.aux_sum : 0.0};
-  MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, mpi.world());
-  const double aux_loss = sums[1] / dp;
-  const double loss = sums[0] / static_cast<double>(predicted) + coeff * aux_loss;
+  finalize_gradients(model, topo);
+  const GlobalLoss sums = global_loss(totals, topo);
+  const double aux_loss = sums.aux_sum / dp;
+  const double loss = sums.ce_sum / static_cast<double>(predicted) + coeff * aux_loss;
 
   std::vector<float> all_logits = gather_logits(model, topo, logits, whole);
   std::vector<std::vector<float>> grads = gather_gradients(model, topo);
   if (mpi.rank() != 0) return 0;
-  const std::vector<ParameterShape> shapes = parameter_shapes(config.arch);
+  const std::vector<ParameterSpec> table = parameter_table(config.arch);
   std::vector<SafetensorsTensor> out;
   const std::int64_t vocab = config.arch.vocab_size;
   out.push_back({"logits",
@@ -219,8 +215,8 @@ int run_probe(const Args& args) {
   out.push_back({"loss", SafetensorsDtype::F64, {1}, bytes_of(&loss, sizeof loss)});
   if (config.arch.is_moe())
     out.push_back({"aux_loss", SafetensorsDtype::F64, {1}, bytes_of(&aux_loss, sizeof aux_loss)});
-  for (std::size_t i = 0; i < shapes.size(); ++i) {
-    out.push_back({"grad." + shapes[i].name, SafetensorsDtype::F32, shapes[i].shape,
+  for (std::size_t i = 0; i < table.size(); ++i) {
+    out.push_back({"grad." + table[i].name, SafetensorsDtype::F32, table[i].shape,
                    bytes_of(grads[i].data(), grads[i].size() * sizeof(float))});
   }
   write_safetensors(output, out);

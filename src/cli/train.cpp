@@ -2,6 +2,7 @@
 #include <iostream>
 
 #include "cli/commands.h"
+#include "model/hf_weights.h"
 #include "train/trainer.h"
 
 namespace fastllm {
@@ -15,6 +16,7 @@ int run_train(const Args& args) {
     return 0;
   }
   const ModelConfig model = resolve_model(options);
+  check_pretrained_weights(model);
   const TrainSettings settings = train_settings(options, model);
   return train(options, model, settings);
 }

@@ -29,7 +29,8 @@ const char* const kArchitectureFlags[] = {"num_layers",
                                           "tie_word_embeddings",
                                           "num_experts",
                                           "num_experts_per_token"};
-const char* const kRunFlags[] = {"window_size", "moe_aux_loss_coeff", "max_sequence_length"};
+const char* const kRunFlags[] = {"window_size", "moe_aux_loss_coeff", "moe_aux_loss_scope",
+                                 "max_sequence_length"};
 
 bool same_value(const FlagSpec& spec, const std::string& a, const std::string& b) {
   switch (spec.type) {
@@ -50,6 +51,48 @@ std::int64_t positive(const std::string& flag, std::int64_t v) {
   if (v <= 0)
     throw UserError("--" + flag + "=" + std::to_string(v) + ": expected a positive integer");
   return v;
+}
+
+// Every size fits the int32 a kernel indexes with, and the whole model stays below 2^40
+// parameters: Llama-3.1-405B (4.1e11) and Mixtral-8x22B (1.4e11) fit with room, while a typo such
+// as --num_layers=100000 is refused before memory is planned or allocated.
+constexpr std::int64_t kMaxDimension = 2'147'483'647;
+constexpr long double kMaxParameters = 1'099'511'627'776.0L;  // 2^40
+
+void check_sizes(const Architecture& a, const std::map<std::string, ResolvedValue>& resolved) {
+  const std::pair<const char*, std::int64_t> sizes[] = {
+      {"num_layers", a.num_layers},           {"hidden_size", a.hidden_size},
+      {"vocab_size", a.vocab_size},           {"num_attention_heads", a.num_attention_heads},
+      {"head_groups", a.head_groups},         {"kv_channels", a.kv_channels},
+      {"ffn_hidden_size", a.ffn_hidden_size}, {"num_experts", a.num_experts}};
+  auto where = [&](const char* name) {
+    const ResolvedValue& v = resolved.at(name);
+    return v.source == Source::Checkpoint ? std::string(" (from the checkpoint's config.json)")
+                                          : std::string();
+  };
+  for (const auto& [name, value] : sizes) {
+    if (value > kMaxDimension)
+      throw UserError("--" + std::string(name) + "=" + std::to_string(value) + where(name) +
+                      ": expected at most " + std::to_string(kMaxDimension));
+  }
+  // An upper bound of count_parameters, in long double so that no product can overflow.
+  const long double h = a.hidden_size, f = a.ffn_hidden_size, q = a.q_size(), kv = a.kv_size();
+  const long double expert = (a.gated ? 3.0L : 2.0L) * h * f + 2.0L * f + h;
+  const long double layer = 2.0L * h * q + 2.0L * h * kv + 2.0L * q + 2.0L * kv + 4.0L * h +
+                            static_cast<long double>(a.num_experts) * (expert + h);
+  const long double total =
+      (a.tie_word_embeddings ? 1.0L : 2.0L) * a.vocab_size * h + a.num_layers * layer + 2.0L * h;
+  if (total >= kMaxParameters) {
+    std::string flags;
+    for (const auto& [name, value] : sizes)
+      flags += " --" + std::string(name) + "=" + std::to_string(value) + where(name);
+    char count[32];
+    std::snprintf(count, sizeof count, "%.3Le", total);
+    throw UserError("the model would have about " + std::string(count) +
+                    " parameters, expected fewer than 2^40 = 1099511627776;" + flags +
+                    ": lower --num_layers, --hidden_size, --ffn_hidden_size, --vocab_size or "
+                    "--num_experts");
+  }
 }
 
 }  // namespace
@@ -153,33 +196,18 @@ ModelConfig resolve_model(const Options& options) {
     throw UserError("--num_experts_per_token=" + std::to_string(a.num_experts_per_token) +
                     " exceeds --num_experts=" + std::to_string(a.num_experts));
 
+  check_sizes(a, resolved);
+
   RunSettings& r = config.run;
   r.window_size = integer("window_size");
   if (r.window_size < 0)
     throw UserError("--window_size=" + text("window_size") + ": expected >= 0 (0 = no window)");
   r.moe_aux_loss_coeff = number("moe_aux_loss_coeff");
+  r.moe_aux_loss_global = text("moe_aux_loss_scope") == "global_batch";
   r.max_sequence_length = integer("max_sequence_length");
   if (r.max_sequence_length < 0)
     throw UserError("--max_sequence_length=" + text("max_sequence_length") + ": expected >= 0");
   return config;
-}
-
-ParameterCount count_parameters(const Architecture& a) {
-  const std::int64_t h = a.hidden_size, f = a.ffn_hidden_size;
-  const std::int64_t norm = a.normalization == NormType::LayerNorm ? 2 * h : h;
-  std::int64_t attention = h * a.q_size() + 2 * h * a.kv_size() + a.q_size() * h;
-  if (a.add_linear_biases) attention += a.q_size() + 2 * a.kv_size() + h;
-  std::int64_t expert = (a.gated ? 3 : 2) * h * f;
-  if (a.add_linear_biases) expert += (a.gated ? 2 : 1) * f + h;
-  const std::int64_t mlp = a.is_moe() ? a.num_experts * (expert + h) : expert;
-
-  ParameterCount c;
-  c.embedding = a.vocab_size * h;
-  c.lm_head = a.tie_word_embeddings ? 0 : a.vocab_size * h;
-  c.per_layer = attention + mlp + 2 * norm;
-  c.final_norm = norm;
-  c.total = c.embedding + c.lm_head + a.num_layers * c.per_layer + c.final_norm;
-  return c;
 }
 
 double model_flops_per_token(const Architecture& a, std::int64_t seq, std::int64_t window) {

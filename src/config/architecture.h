@@ -50,6 +50,8 @@ std::string architecture_difference(const Architecture& a, const Architecture& b
 struct RunSettings {
   std::int64_t window_size = 0;  // 0 = full causal attention
   double moe_aux_loss_coeff = 0;
+  // The load-balancing statistics summed over the data-parallel ranks before the loss is formed.
+  bool moe_aux_loss_global = false;
   std::int64_t max_sequence_length = 0;  // 0 = unlimited
 };
 
@@ -71,17 +73,8 @@ struct ModelConfig {
 // they name, if any. Throws UserError for contradictions and invalid combinations.
 ModelConfig resolve_model(const Options& options);
 
-struct ParameterCount {
-  std::int64_t embedding = 0;
-  std::int64_t lm_head = 0;  // 0 when tied
-  std::int64_t per_layer = 0;
-  std::int64_t final_norm = 0;
-  std::int64_t total = 0;
-};
-ParameterCount count_parameters(const Architecture& arch);
-
 // Matmul FLOPs of one token through the model (forward + backward = 6 x weights used + attention),
-// DESIGN.md section 7.
+// docs/DESIGN.md section 7.
 double model_flops_per_token(const Architecture& arch, std::int64_t sequence_length,
                              std::int64_t window_size);
 

@@ -75,6 +75,12 @@ const std::vector<FlagSpec> kModel = {
      "sliding attention window in tokens (HF sliding_window); 0 = full causal attention"},
     {"moe_aux_loss_coeff", T::Float, "0.01",
      "weight of the MoE load-balancing loss (HF router_aux_loss_coef)"},
+    {"moe_aux_loss_scope",
+     T::Choice,
+     "micro_batch",
+     "tokens the load-balancing statistics are taken over: micro_batch (transformers' definition) "
+     "or global_batch (summed over the data-parallel ranks' micro-batches of each pipeline step)",
+     {"micro_batch", "global_batch"}},
     {"max_sequence_length", T::Int, "0",
      "longest sequence the model accepts (HF max_position_embeddings); 0 = unlimited"},
 };
@@ -82,12 +88,23 @@ const std::vector<FlagSpec> kModel = {
 const std::vector<FlagSpec> kLayout = {
     {"tensor_parallel", T::Int, "1", "ranks each layer is split over (Megatron tensor parallel)"},
     {"pipeline_parallel", T::Int, "1", "pipeline stages of contiguous layers"},
-    {"zero_stage", T::Choice, "0", "1 shards AdamW state over the data-parallel group", {"0", "1"}},
+    {"sequence_parallel", T::Bool, "0",
+     "1: between the tensor-parallel regions (norms, residuals) each tensor-parallel rank holds "
+     "1/T of the tokens (Megatron's sequence parallelism); the sequence length must be a "
+     "multiple of --tensor_parallel"},
+    {"zero_stage",
+     T::Choice,
+     "0",
+     "1 shards the fp32 master weights and AdamW moments over the data-parallel group; 2 also the "
+     "gradients, reduced into each rank's shard layer by layer as backward produces them",
+     {"0", "1", "2"}},
 };
 
 const std::vector<FlagSpec> kInspect = {
     {"data_parallel", T::Int, "1", "data-parallel replicas (world = data x tensor x pipeline)"},
     {"format", T::Choice, "text", "output format", {"text", "json"}},
+    {"device_memory", T::Float, "80",
+     "memory of one device in GB (1e9 bytes) the plan is checked against (H100 80, H200 141)"},
 };
 
 const std::vector<FlagSpec> kProbe = {
@@ -106,10 +123,17 @@ const std::vector<FlagSpec> kConvert = {kSave};
 
 const std::vector<FlagSpec> kExport = {
     kLoad,
-    {"output", T::String, "", "Hugging Face folder to write (config.json + *.safetensors)"},
+    {"output", T::String, "",
+     "Hugging Face folder to write (weights, config.json, generation_config.json, tokenizer); "
+     "new or empty unless --overwrite=1"},
     {"dtype", T::Choice, "bf16", "dtype of the exported weights", {"bf16", "fp32"}},
     {"max_shard_size", T::String, "5GB",
      "largest safetensors file; bigger models are sharded with model.safetensors.index.json"},
+    {"tokenizer", T::String, "",
+     "SentencePiece tokenizer.model (or a folder holding one) to ship with the model; default: "
+     "the one in the Hugging Face folder the run started from"},
+    {"overwrite", T::Bool, "0",
+     "replace a non-empty --output folder (nothing of its old content is kept)"},
 };
 
 const std::vector<FlagSpec> kTrain = {
@@ -159,6 +183,9 @@ const std::vector<FlagSpec> kCheckpoint = {
     kLoad,
     {"save_interval", T::Int, "0", "iterations between checkpoints (0: only at the end)"},
     {"keep_checkpoints", T::Int, "3", "newest checkpoints kept in --save; 0 keeps all"},
+    {"max_skipped_steps", T::Int, "10",
+     "consecutive steps with a non-finite loss or gradient norm (each skipped) before the run "
+     "stops; 0 never stops"},
 };
 
 const std::vector<FlagSpec> kPrepare = {
@@ -172,7 +199,11 @@ const std::vector<FlagSpec> kPrepare = {
      {"auto", "text", "jsonl"}},
     {"split_lines", T::Bool, "0", "text files: one document per line instead of per file"},
     {"json_key", T::String, "text", "JSONL files: the field holding each document"},
-    {"append_eos", T::Bool, "1", "append the tokenizer's end-of-sequence id to every document"},
+    {"prepend_bos", T::Bool, "1",
+     "start every document with the tokenizer's beginning-of-sequence id (<s>), as Mistral saw"},
+    {"append_eos", T::Bool, "1",
+     "end every document with the tokenizer's end-of-sequence id (</s>), so a model learns to "
+     "stop"},
 };
 
 const std::vector<FlagSpec> kBackend = {
@@ -186,10 +217,80 @@ const std::vector<FlagSpec> kBackend = {
      "auto",
      "compute dtype; auto: fp32 on the host, bf16 on CUDA (fp32 master weights either way)",
      {"auto", "fp32", "bf16"}},
+    {"attention_kernel",
+     T::Choice,
+     "cudnn",
+     "CUDA attention: cudnn (cuDNN's fused SDPA, bf16 only: with --dtype=fp32 the own kernel "
+     "runs) or own (fastllm's FlashAttention-style kernel); no effect on the host backend",
+     {"cudnn", "own"}},
+    {"recompute",
+     T::Choice,
+     "selective",
+     "activations recomputed in backward: none; selective (norm outputs and the MLP activation, "
+     "about a third of the activation memory for ~1% more time); full (only each layer's input "
+     "is kept, the layer is replayed: about a third more compute); results are bit-identical",
+     {"none", "selective", "full"}},
+};
+
+const std::vector<FlagSpec> kGenerate = {
+    {"prompt", T::String, "",
+     "the text to continue (BOS is prepended, as Mistral's tokenizer does)"},
+    {"prompt_file", T::String, "", "a text file of prompts, one per line (empty lines skipped)"},
+    {"prompt_ids", T::String, "",
+     "one prompt as comma-separated token ids, taken as they are (no BOS added); the "
+     "continuation is printed as ids: for a model without a tokenizer"},
+    kLoad,
+    {"tokenizer", T::String, "",
+     "SentencePiece tokenizer.model (or a folder holding one); default: the one in "
+     "--pretrained_checkpoint_path, or in the Hugging Face folder a --load checkpoint started "
+     "from"},
+    {"max_new_tokens", T::Int, "64", "most tokens generated per prompt; stops earlier at EOS"},
+    {"temperature", T::Float, "0",
+     "0: greedy (the most probable token); > 0: sample softmax(logits / temperature)"},
+    {"top_p", T::Float, "1",
+     "sampling keeps the most probable tokens up to this probability mass (nucleus)"},
+    {"seed", T::Int, "1234", "seed of the sampling (prompt i of a file uses seed + i)"},
 };
 
 bool starts_with(const std::string& s, const std::string& prefix) {
   return s.rfind(prefix, 0) == 0;
+}
+
+// Levenshtein distance: the number of one-character edits from a to b.
+std::size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j)
+    row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diagonal = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t above = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+// The declared flag closest to `name` when it is close enough to be what was meant, else "".
+std::string nearest_flag(const std::string& name, const std::vector<std::string>& flags) {
+  // Megatron and Fast-LLM users type dashes (--seq-length); ours are written with underscores.
+  std::string normalised = name;
+  std::replace(normalised.begin(), normalised.end(), '-', '_');
+  std::string best;
+  std::size_t best_distance = std::max<std::size_t>(2, normalised.size() / 2) + 1;
+  for (const std::string& candidate : flags) {
+    // A flag the name begins (--lr_warmup for --lr_warmup_iters) is as near as one typo.
+    const std::size_t d = normalised.size() >= 3 && candidate.starts_with(normalised)
+                              ? std::size_t{1}
+                              : edit_distance(normalised, candidate);
+    if (d < best_distance) {
+      best = candidate;
+      best_distance = d;
+    }
+  }
+  return best;
 }
 
 std::string type_name(const FlagSpec& spec) {
@@ -242,6 +343,8 @@ const std::vector<FlagSpec>& flags_of(FlagGroup group) {
       return kPrepare;
     case FlagGroup::Backend:
       return kBackend;
+    case FlagGroup::Generate:
+      return kGenerate;
   }
   throw std::logic_error("unknown flag group");
 }
@@ -284,8 +387,10 @@ void Options::set(const std::string& name, std::vector<std::string> items, Sourc
   if (it == specs_.end()) {
     std::string where =
         source == Source::ConfigFile ? "config file key '" + name + "'" : "--" + name;
-    throw UserError("unknown flag " + where + " for 'fastllm " + command_ + "'; see 'fastllm " +
-                    command_ + " --help'");
+    const std::string nearest = nearest_flag(name, order_);
+    throw UserError("unknown flag " + where + " for 'fastllm " + command_ + "'" +
+                    (nearest.empty() ? "" : "; did you mean --" + nearest + "?") +
+                    "; see 'fastllm " + command_ + " --help'");
   }
   const FlagSpec& spec = it->second;
   if (spec.type != T::List && items.size() != 1)
@@ -358,6 +463,57 @@ void Options::parse(const std::vector<std::string>& args) {
   }
 }
 
+namespace {
+
+// A YAML node as a message shows it: flow style, at most about 80 characters, however deep or
+// long the node is.
+void describe_yaml(const YAML::Node& node, int depth, std::string& out) {
+  if (out.size() > 80) return;
+  if (node.IsScalar()) {
+    out += node.Scalar().substr(0, 80);
+  } else if (node.IsSequence() || node.IsMap()) {
+    out += node.IsMap() ? "{" : "[";
+    if (depth >= 4) {
+      out += "...";
+    } else {
+      bool first = true;
+      for (const auto& item : node) {
+        if (out.size() > 80) break;
+        if (!first) out += ", ";
+        first = false;
+        if (node.IsMap()) {
+          describe_yaml(item.first, depth + 1, out);
+          out += ": ";
+          describe_yaml(item.second, depth + 1, out);
+        } else {
+          describe_yaml(item, depth + 1, out);
+        }
+      }
+    }
+    out += node.IsMap() ? "}" : "]";
+  } else {
+    out += "null";
+  }
+}
+
+std::string yaml_text(const YAML::Node& node) {
+  std::string out;
+  describe_yaml(node, 0, out);
+  if (out.size() > 80) out = out.substr(0, 77) + "...";
+  for (char& c : out)
+    if (const auto u = static_cast<unsigned char>(c); u < 0x20 || u >= 0x7F) c = '?';
+  return out;
+}
+
+const char* yaml_kind(const YAML::Node& node) {
+  if (node.IsSequence()) return "a list";
+  if (node.IsMap()) return "a mapping";
+  if (node.IsScalar()) return "a value";
+  return "empty (null)";
+}
+
+}  // namespace
+
 void Options::load_config_file(const std::string& path) {
   if (!std::filesystem::exists(path)) throw UserError("--config " + path + ": file not found");
   YAML::Node root;
@@ -368,20 +524,40 @@ void Options::load_config_file(const std::string& path) {
   }
   if (root.IsNull()) return;
   if (!root.IsMap()) throw UserError("--config " + path + ": expected a mapping of flag: value");
+  const std::string where = "--config " + path + ": ";
   for (const auto& entry : root) {
-    const std::string key = entry.first.as<std::string>();
+    if (!entry.first.IsScalar())
+      throw UserError(where + "a key is " + yaml_kind(entry.first) + " " + yaml_text(entry.first) +
+                      ", expected a flag name");
+    const std::string key = entry.first.Scalar();
+    if (key == "config") throw UserError(where + "a config file cannot name another");
+    const YAML::Node& value = entry.second;
+    const auto spec = specs_.find(key);
+    // Only list flags take a YAML list; anything else must be one plain value of the flag's type.
+    const bool is_list = spec != specs_.end() && spec->second.type == T::List;
+    const std::string expected = spec == specs_.end() ? ""
+                                 : is_list            ? "one value or a list of values"
+                                                      : "one " + type_name(spec->second) + " value";
     std::vector<std::string> items;
-    if (entry.second.IsSequence()) {
-      for (const auto& item : entry.second)
-        items.push_back(item.as<std::string>());
-    } else if (entry.second.IsScalar()) {
-      items.push_back(entry.second.as<std::string>());
-    } else {
-      throw UserError("--config " + path + ": key '" + key + "' must be a value or a list");
+    if (value.IsScalar()) {
+      items.push_back(value.Scalar());
+    } else if (is_list && value.IsSequence()) {
+      for (const auto& item : value) {
+        if (!item.IsScalar())
+          throw UserError(where + "key '" + key + "' = " + yaml_text(value) + " holds " +
+                          yaml_kind(item) + " " + yaml_text(item) + ", expected " + expected);
+        items.push_back(item.Scalar());
+      }
+    } else if (spec != specs_.end()) {
+      throw UserError(where + "key '" + key + "' is " + yaml_kind(value) + " " + yaml_text(value) +
+                      ", expected " + expected);
     }
-    if (key == "config")
-      throw UserError("--config " + path + ": a config file cannot name another");
-    set(key, std::move(items), Source::ConfigFile);
+    try {
+      set(key, std::move(items), Source::ConfigFile);
+    } catch (const UserError& e) {
+      if (spec == specs_.end()) throw;  // the unknown-flag message already names the key
+      throw UserError(where + "key '" + key + "': " + e.what());
+    }
   }
 }
 

@@ -36,7 +36,8 @@ enum class FlagGroup {
   Data,
   Checkpoint,
   Prepare,
-  Backend
+  Backend,
+  Generate
 };
 const std::vector<FlagSpec>& flags_of(FlagGroup group);
 

@@ -321,7 +321,9 @@ class Tokenizing {
       return;
     }
     try {
-      item.ids = tokenizer_.encode(text);
+      if (options_.prepend_bos) item.ids.push_back(tokenizer_.bos_id());
+      const std::vector<std::int32_t> ids = tokenizer_.encode(text);
+      item.ids.insert(item.ids.end(), ids.begin(), ids.end());
     } catch (const UserError& e) {
       item.error = "input '" + files_[item.file].path + "': " + e.what();
       return;
@@ -435,7 +437,13 @@ PrepareStats prepare_dataset(const PrepareOptions& options, MPI_Comm mpi_comm) {
   files = deserialize(comm.broadcast(listing, 0));
 
   std::optional<Tokenizer> tokenizer;
-  comm.agree([&] { tokenizer.emplace(options.tokenizer); });
+  comm.agree([&] {
+    tokenizer.emplace(options.tokenizer);
+    if (options.prepend_bos && tokenizer->bos_id() < 0) {
+      throw UserError("tokenizer '" + tokenizer->path() +
+                      "' has no BOS piece to start each document with; pass --prepend_bos=0");
+    }
+  });
   const TokenDtype dtype = dtype_for_vocab(tokenizer->vocab_size());
 
   std::int64_t total = 0;

@@ -1,8 +1,10 @@
 #pragma once
 // `fastllm prepare`: tokenizes text or JSONL files with the model's SentencePiece tokenizer into
 // one Megatron indexed dataset (<output>.bin + <output>.idx), as Megatron's
-// tools/preprocess_data.py does with --append-eod: no BOS, each document followed by the EOS id,
-// one sequence per document, uint16 tokens when the vocabulary fits, else int32.
+// tools/preprocess_data.py does: one sequence per document, uint16 tokens when the vocabulary
+// fits, else int32. By default each document starts with the BOS id and ends with the EOS id, as
+// Mistral's own pretraining-data tokenization (mistral-finetune's tokenize_pretrain) and Fast-LLM
+// do; Megatron's --append-eod adds only the EOS.
 //
 // Documents:
 //  - text files: the whole file is one document, byte for byte; with split_lines each line is one
@@ -35,13 +37,14 @@ struct PrepareOptions {
   InputFormat format = InputFormat::kAuto;
   bool split_lines = false;       // text files: one document per line
   std::string json_key = "text";  // JSONL files: the field holding the document
+  bool prepend_bos = true;        // a tokenizer without a BOS piece is then an error
   bool append_eos = true;
   bool progress = true;  // rank 0 reports to stderr, at most every 2 s
 };
 
 struct PrepareStats {
   std::int64_t documents = 0;  // documents written
-  std::int64_t tokens = 0;     // tokens written, EOS included
+  std::int64_t tokens = 0;     // tokens written, BOS and EOS included
   std::int64_t skipped = 0;    // empty or whitespace-only documents left out
   std::int64_t bytes = 0;      // bytes of input read
   std::string dtype;           // "uint16" or "int32"

@@ -1,6 +1,8 @@
 #include "model/hf_weights.h"
 
 #include <cstring>
+#include <filesystem>
+#include <set>
 
 #include "io/error.h"
 #include "io/half.h"
@@ -58,19 +60,62 @@ void read_part(const SafetensorsCheckpoint& checkpoint, const Parameter& p, std:
   }
 }
 
+// Why a checkpoint tensor outside the architecture is there, as far as its name tells.
+std::string unused_reason(const Architecture& arch, const std::string& name) {
+  if (name == "lm_head.weight" && arch.tie_word_embeddings)
+    return "the config ties the output layer to the embeddings (tie_word_embeddings true), "
+           "so a separate lm_head.weight would be ignored";
+  const std::string layers = "model.layers.";
+  if (name.starts_with(layers)) {
+    const std::string rest = name.substr(layers.size());
+    const std::size_t dot = rest.find('.');
+    std::int64_t layer = -1;
+    try {
+      layer = std::stoll(rest.substr(0, dot));
+    } catch (const std::exception&) {
+      layer = -1;
+    }
+    if (layer >= arch.num_layers)
+      return "it belongs to layer " + std::to_string(layer) + " but the config has num_layers " +
+             std::to_string(arch.num_layers);
+  }
+  return "the architecture has no such tensor";
+}
+
+void check_tensors(const Architecture& arch, const SafetensorsCheckpoint& checkpoint,
+                   const std::string& folder) {
+  std::set<std::string> used;
+  for (const ParameterSpec& p : parameter_table(arch)) {
+    if (!checkpoint.has(p.name))
+      throw UserError(folder + ": tensor " + p.name + " " + shape_text(p.shape) +
+                      " that the architecture needs is not in the checkpoint");
+    const TensorInfo& info = checkpoint.info(p.name);
+    if (info.shape != p.shape)
+      throw UserError(folder + ": tensor " + p.name + " has shape " + shape_text(info.shape) +
+                      ", the architecture expects " + shape_text(p.shape) +
+                      " (from the config's sizes)");
+    used.insert(p.name);
+  }
+  for (const std::string& name : checkpoint.names()) {
+    // transformers recomputes the rotary frequencies some older checkpoints store.
+    if (used.count(name) != 0 || name.ends_with(".rotary_emb.inv_freq")) continue;
+    throw UserError(folder + ": tensor " + name + " " + shape_text(checkpoint.info(name).shape) +
+                    " is not used by the architecture: " + unused_reason(arch, name) +
+                    "; fix config.json or the checkpoint");
+  }
+}
+
 }  // namespace
+
+void check_hf_checkpoint(const Architecture& arch, const std::string& folder) {
+  check_tensors(arch, SafetensorsCheckpoint::open(folder), folder);
+}
 
 void load_hf_weights(Model& model, const std::string& folder) {
   const SafetensorsCheckpoint checkpoint = SafetensorsCheckpoint::open(folder);
+  check_tensors(model.arch(), checkpoint, folder);
   std::vector<float> values;
   for (Parameter& p : model.parameters()) {
-    if (!checkpoint.has(p.name))
-      throw UserError(folder + ": tensor " + p.name + " " + shape_text(p.global_shape) +
-                      " that the architecture needs is not in the checkpoint");
-    const TensorInfo& info = checkpoint.info(p.name);
-    if (info.shape != p.global_shape)
-      throw UserError(folder + ": tensor " + p.name + " has shape " + shape_text(info.shape) +
-                      ", the architecture expects " + shape_text(p.global_shape));
     values.resize(static_cast<std::size_t>(p.numel));
     if (p.split_axis < 0) {
       checkpoint.read_f32_into(p.name, values);
@@ -79,6 +124,13 @@ void load_hf_weights(Model& model, const std::string& folder) {
     }
     model.write_weight(p, values.data());
   }
+}
+
+void check_pretrained_weights(const ModelConfig& config) {
+  const std::filesystem::path folder(config.checkpoint_path);
+  if (config.load_weights && (std::filesystem::exists(folder / "model.safetensors") ||
+                              std::filesystem::exists(folder / "model.safetensors.index.json")))
+    check_hf_checkpoint(config.arch, config.checkpoint_path);
 }
 
 }  // namespace fastllm

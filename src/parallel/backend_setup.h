@@ -1,6 +1,6 @@
 #pragma once
 // The backend a command computes on (--backend, --dtype) and how its tensors travel between
-// ranks: NCCL on CUDA, MPI on the host (DESIGN.md section 4).
+// ranks: NCCL on CUDA, MPI on the host (docs/DESIGN.md section 4).
 #include <memory>
 
 #include "config/flags.h"

@@ -120,6 +120,23 @@ void MpiCommunicator::reduce_scatter(Tensor in, Tensor out, ReduceOp op) {
   }
 }
 
+void MpiCommunicator::reduce(Tensor t, int root, ReduceOp op) {
+  if (size_ == 1) return;
+  if (t.dtype == DType::BF16) {
+    std::vector<float> wide = widen(t);
+    reduce(flat_f32(wide), root, op);
+    if (rank_ == root) narrow(wide, t);
+    return;
+  }
+  const MPI_Datatype type = move_type(t.dtype);
+  for (std::int64_t begin = 0, n = t.numel(); begin < n; begin += kChunk) {
+    void* data = bytes(t, begin);
+    check(MPI_Reduce(rank_ == root ? MPI_IN_PLACE : data, data,
+                     count_of(std::min(kChunk, n - begin)), type, mpi_op(op), root, comm_),
+          "reduce");
+  }
+}
+
 void MpiCommunicator::all_gather(Tensor in, Tensor out) {
   const std::int64_t block = in.numel();
   if (out.numel() != block * size_ || in.dtype != out.dtype)

@@ -2,7 +2,7 @@
 // The Communicator of the host backend: MPI over host memory, on one MPI communicator.
 #include <mpi.h>
 
-#include "parallel/communicator.h"
+#include "kernels/communicator.h"
 
 namespace fastllm {
 
@@ -21,6 +21,7 @@ class MpiCommunicator final : public Communicator {
   int size() const override { return size_; }
   void all_reduce(Tensor t, ReduceOp op) override;
   void reduce_scatter(Tensor in, Tensor out, ReduceOp op) override;
+  void reduce(Tensor t, int root, ReduceOp op) override;
   void all_gather(Tensor in, Tensor out) override;
   void broadcast(Tensor t, int root) override;
   void send(Tensor t, int peer) override;

@@ -1,8 +1,10 @@
 #include "parallel/mpi_session.h"
 
+#include <exception>
+
 namespace fastllm {
 
-MpiSession::MpiSession() {
+MpiSession::MpiSession() : exceptions_at_start_(std::uncaught_exceptions()) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized) MPI_Init(nullptr, nullptr);
@@ -11,6 +13,9 @@ MpiSession::MpiSession() {
 }
 
 MpiSession::~MpiSession() {
+  // Unwinding from an error: MPI stays up so that main can print the error once for all ranks
+  // (report_fatal_error in cli/error_report.h), which finalises it.
+  if (std::uncaught_exceptions() > exceptions_at_start_) return;
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized) MPI_Finalize();

@@ -1,6 +1,7 @@
 #pragma once
 // MPI for the lifetime of a command: initialised on construction (also without mpirun, as a
-// singleton), finalised on destruction.
+// singleton), finalised on destruction unless an exception is unwinding (main then finalises it
+// after reporting the error).
 #include <mpi.h>
 
 namespace fastllm {
@@ -19,6 +20,7 @@ class MpiSession {
  private:
   int rank_ = 0;
   int size_ = 1;
+  int exceptions_at_start_ = 0;
 };
 
 }  // namespace fastllm

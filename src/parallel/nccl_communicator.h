@@ -1,12 +1,12 @@
 #pragma once
 // The Communicator of the CUDA backend: NCCL over device memory, on the backend's stream so that
-// collectives stay ordered with the ops around them (DESIGN.md section 4).
+// collectives stay ordered with the ops around them (docs/DESIGN.md section 4).
 #include <mpi.h>
 
 #include <memory>
 
 #include "kernels/backend.h"
-#include "parallel/communicator.h"
+#include "kernels/communicator.h"
 
 namespace fastllm {
 

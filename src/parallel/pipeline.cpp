@@ -5,7 +5,10 @@
 
 namespace fastllm {
 
-Pipeline::Pipeline(Model& model, Communicator* stages) : model_(model), comm_(stages) {
+Pipeline::Pipeline(Model& model, Communicator* stages)
+    : model_(model),
+      loss_(model.backend(), model.partition().tensor, model.vocab()),
+      comm_(stages) {
   if (comm_) {
     stages_ = comm_->size();
     stage_ = comm_->rank();
@@ -60,45 +63,60 @@ void Pipeline::send_backward(const Model::StageTensors& grad) {
   if (grad.router.t.data) comm_->send(grad.router.t, stage_ - 1);
 }
 
+Pipeline::InFlight Pipeline::forward_one(const MicroBatch& mb, Model::StageTensors input,
+                                         PipelineTotals& totals,
+                                         std::vector<std::vector<float>>* logits) {
+  InFlight flight{model_.forward_stage(mb, std::move(input)), {}};
+  if (!last()) return flight;
+  const Tensor stage_logits = model_.logits(*flight.state);
+  if (logits) {
+    logits->emplace_back(static_cast<std::size_t>(stage_logits.numel()));
+    model_.copy_to_host_f32(logits->back().data(), stage_logits);
+  }
+  totals.ce_sum += loss_.forward(stage_logits, mb.targets, flight.loss);
+  totals.aux_sum += model_.aux_loss(*flight.state);
+  totals.predicted +=
+      std::count_if(mb.targets.begin(), mb.targets.end(), [](std::int32_t t) { return t >= 0; });
+  return flight;
+}
+
+Model::StageTensors Pipeline::backward_one(InFlight flight, double ce_scale, double aux_scale,
+                                           Model::StageTensors grad) {
+  if (last())
+    loss_.backward(model_.logits(*flight.state), flight.loss, static_cast<float>(ce_scale));
+  return model_.backward_stage(std::move(flight.state), std::move(grad), aux_scale);
+}
+
 PipelineTotals Pipeline::forward_backward(const std::vector<MicroBatch>& batches, double ce_scale,
                                           double aux_scale,
                                           std::vector<std::vector<float>>* logits) {
   const auto count = static_cast<std::int64_t>(batches.size());
   const std::int64_t warmup = std::min<std::int64_t>(stages_ - stage_ - 1, count);
-  std::deque<std::unique_ptr<Model::ForwardState>> in_flight;
+  std::deque<InFlight> in_flight;
   std::size_t forwarded = 0, backwarded = 0;
   PipelineTotals totals;
-  auto forward_one = [&](Model::StageTensors input) {
-    const MicroBatch& mb = batches[forwarded++];
-    float* out = nullptr;
-    if (logits && last()) {
-      logits->emplace_back(static_cast<std::size_t>(mb.batch * mb.seq * model_.vocab_rows()));
-      out = logits->back().data();
-    }
-    MicroBatchResult r;
-    in_flight.push_back(model_.forward_stage(mb, std::move(input), r, out));
-    totals.ce_sum += r.ce_sum;
-    totals.aux_sum += r.aux_loss;
-    totals.predicted += r.predicted;
+  auto forward_next = [&](Model::StageTensors input) {
+    in_flight.push_back(forward_one(batches[forwarded++], std::move(input), totals, logits));
   };
-  auto backward_one = [&](Model::StageTensors grad) {
-    std::unique_ptr<Model::ForwardState> state = std::move(in_flight.front());
+  auto backward_next = [&](Model::StageTensors grad) {
+    InFlight flight = std::move(in_flight.front());
     in_flight.pop_front();
     ++backwarded;
-    return model_.backward_stage(std::move(state), std::move(grad), ce_scale, aux_scale);
+    return backward_one(std::move(flight), ce_scale, aux_scale, std::move(grad));
   };
 
   for (std::int64_t i = 0; i < warmup; ++i) {
-    forward_one(recv_forward(batches[forwarded]));
-    send_forward(*in_flight.back());
+    forward_next(recv_forward(batches[forwarded]));
+    send_forward(*in_flight.back().state);
   }
   const std::int64_t steady = count - warmup;
   Model::StageTensors input;
   if (steady > 0) input = recv_forward(batches[forwarded]);
   for (std::int64_t i = 0; i < steady; ++i) {
-    forward_one(std::move(input));
-    Model::StageTensors grad = send_forward_recv_backward(*in_flight.back(), batches[backwarded]);
-    const Model::StageTensors dx = backward_one(std::move(grad));
+    forward_next(std::move(input));
+    Model::StageTensors grad =
+        send_forward_recv_backward(*in_flight.back().state, batches[backwarded]);
+    const Model::StageTensors dx = backward_next(std::move(grad));
     if (i + 1 == steady) {
       send_backward(dx);
     } else {
@@ -106,31 +124,17 @@ PipelineTotals Pipeline::forward_backward(const std::vector<MicroBatch>& batches
     }
   }
   for (std::int64_t i = 0; i < warmup; ++i)
-    send_backward(backward_one(recv_backward(batches[backwarded])));
+    send_backward(backward_next(recv_backward(batches[backwarded])));
   return totals;
 }
 
 PipelineTotals Pipeline::forward(const std::vector<MicroBatch>& batches) {
   PipelineTotals totals;
   for (const MicroBatch& mb : batches) {
-    MicroBatchResult r;
-    const std::unique_ptr<Model::ForwardState> state =
-        model_.forward_stage(mb, recv_forward(mb), r);
-    send_forward(*state);
-    totals.ce_sum += r.ce_sum;
-    totals.aux_sum += r.aux_loss;
-    totals.predicted += r.predicted;
+    const InFlight flight = forward_one(mb, recv_forward(mb), totals, nullptr);
+    send_forward(*flight.state);
   }
   return totals;
-}
-
-void sync_replicated_gradients(Model& model, const Topology& topology) {
-  for (Parameter& p : model.parameters()) {
-    if (p.sync == GradientSync::KvReplicas && topology.kv_replicas)
-      topology.kv_replicas->all_reduce(p.grad, ReduceOp::Sum);
-    if (p.sync == GradientSync::TiedEmbedding && topology.tied_embedding)
-      topology.tied_embedding->all_reduce(p.grad, ReduceOp::Sum);
-  }
 }
 
 }  // namespace fastllm

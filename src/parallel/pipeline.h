@@ -1,13 +1,13 @@
 #pragma once
-// Micro-batches through the pipeline stages (DESIGN.md section 5): the 1F1B schedule for training
-// and probing, plain forward passes for evaluation, and the gradient sums between ranks that hold
-// copies of one parameter within a model replica.
+// Micro-batches through the pipeline stages (docs/DESIGN.md section 5): the 1F1B schedule for
+// training and probing and plain forward passes for evaluation, with the vocabulary-parallel
+// cross-entropy on the last stage.
 #include <cstdint>
 #include <vector>
 
+#include "kernels/communicator.h"
 #include "model/model.h"
-#include "parallel/communicator.h"
-#include "parallel/topology.h"
+#include "parallel/cross_entropy.h"
 
 namespace fastllm {
 
@@ -23,6 +23,8 @@ class Pipeline {
  public:
   // `stages`: the pipeline-parallel group, its rank the stage's index; null for a one-stage model.
   Pipeline(Model& model, Communicator* stages);
+  // One stage, one rank (a model without tensor or pipeline parallelism).
+  explicit Pipeline(Model& model) : Pipeline(model, nullptr) {}
 
   // Forward and backward of every micro-batch, one forward then one backward in the steady state
   // (1F1B: stage s runs stages - s - 1 forwards ahead), accumulating the gradient of
@@ -36,6 +38,16 @@ class Pipeline {
   PipelineTotals forward(const std::vector<MicroBatch>& batches);
 
  private:
+  // A micro-batch between its forward and its backward.
+  struct InFlight {
+    std::unique_ptr<Model::ForwardState> state;
+    CrossEntropyState loss;
+  };
+  // Forward of one micro-batch on this stage; the last stage adds its loss to totals.
+  InFlight forward_one(const MicroBatch& mb, Model::StageTensors input, PipelineTotals& totals,
+                       std::vector<std::vector<float>>* logits);
+  Model::StageTensors backward_one(InFlight flight, double ce_scale, double aux_scale,
+                                   Model::StageTensors grad);
   bool first() const { return stage_ == 0; }
   bool last() const { return stage_ == stages_ - 1; }
   Model::StageTensors recv_forward(const MicroBatch& mb);
@@ -48,13 +60,10 @@ class Pipeline {
   void send_backward(const Model::StageTensors& grad);
 
   Model& model_;
+  VocabParallelCrossEntropy loss_;
   Communicator* comm_;
   int stages_ = 1;
   int stage_ = 0;
 };
-
-// Sums, within one model replica, the gradients of parameters that several ranks hold: key/value
-// heads replicated over tensor-parallel ranks, and the tied embedding of the first and last stage.
-void sync_replicated_gradients(Model& model, const Topology& topology);
 
 }  // namespace fastllm

@@ -29,31 +29,40 @@ Topology make_topology(const Layout& layout, const Architecture& arch, MPI_Comm 
   MPI_Comm_size(world, &size);
   if (size != layout.world_size())
     throw std::invalid_argument("make_topology: the layout is not one of this world");
-  const int tp = layout.tensor_parallel, dp = layout.data_parallel;
-  t.tp_rank = layout.tp_rank(t.rank);
-  t.dp_rank = layout.dp_rank(t.rank);
-  t.pp_rank = layout.pp_rank(t.rank);
-  t.tensor = split(world, t.dp_rank + dp * t.pp_rank, t.tp_rank, factory);
-  t.data = split(world, t.tp_rank + tp * t.pp_rank, t.dp_rank, factory);
-  t.pipeline = split(world, t.tp_rank + tp * t.dp_rank, t.pp_rank, factory);
-  const int replicas = tp > arch.head_groups ? tp / static_cast<int>(arch.head_groups) : 1;
-  const int kv_color = replicas > 1 ? t.rank / replicas : MPI_UNDEFINED;
-  t.kv_replicas = split(world, kv_color, t.rank, factory);
+  t.at = layout.coordinates(t.rank);
+  t.tp_rank = t.at.tp;
+  t.dp_rank = t.at.dp;
+  t.pp_rank = t.at.pp;
+  using Dim = Layout::Dim;
+  auto along = [&](Dim d) {
+    return split(world, layout.group_id(t.rank, d), layout.group_index(t.rank, d), factory);
+  };
+  t.tensor = along(Dim::Tensor);
+  t.data = along(Dim::Data);
+  t.pipeline = along(Dim::Pipeline);
+  // Key/value replicas: runs of kv_replicas consecutive tensor-parallel ranks.
+  const int replicas = layout.kv_replicas(arch);
+  Layout::Coordinates head = t.at;
+  head.tp -= head.tp % replicas;
+  t.kv_replicas =
+      split(world, replicas > 1 ? layout.rank_of(head) : MPI_UNDEFINED, t.at.tp, factory);
+  // The tied embedding: this pipeline's first and last stage.
   const bool tied = arch.tie_word_embeddings && layout.pipeline_parallel > 1;
-  const int tied_color =
-      tied && (t.first_stage() || t.last_stage()) ? t.tp_rank + tp * t.dp_rank : MPI_UNDEFINED;
+  const int tied_color = tied && (t.first_stage() || t.last_stage())
+                             ? layout.group_id(t.rank, Dim::Pipeline)
+                             : MPI_UNDEFINED;
   t.tied_embedding = split(world, tied_color, t.pp_rank, factory);
   return t;
 }
 
 ModelPartition model_partition(const Topology& t) {
   ModelPartition p;
-  p.tensor_parallel = t.layout.tensor_parallel;
-  p.tp_rank = t.tp_rank;
-  p.pipeline_parallel = t.layout.pipeline_parallel;
-  p.pp_rank = t.pp_rank;
+  p.layout = t.layout;
+  p.at = t.at;
   p.tensor = t.tensor.get();
-  p.flat_alignment = t.layout.zero_stage == 1 ? t.layout.data_parallel : 1;
+  p.data = t.data.get();
+  p.flat_alignment = t.layout.zero_stage >= 1 ? t.layout.data_parallel : 1;
+  p.gradient_buckets = t.layout.zero_stage == 2 && t.layout.data_parallel > 1;
   return p;
 }
 

@@ -1,12 +1,12 @@
 #pragma once
-// One rank's place in a data x tensor x pipeline run (DESIGN.md section 5) and the communicators of
+// One rank's place in a DP x TP x PP run (docs/DESIGN.md section 5) and the communicators of
 // its groups. Building it is collective over the world.
 #include <functional>
 #include <memory>
 
 #include "config/architecture.h"
-#include "model/model.h"
-#include "parallel/layout.h"
+#include "config/layout.h"
+#include "model/parameters.h"
 #include "parallel/mpi_communicator.h"
 
 namespace fastllm {
@@ -30,7 +30,8 @@ struct RankGroup {
 struct Topology {
   Layout layout;
   int rank = 0;
-  int tp_rank = 0, dp_rank = 0, pp_rank = 0;
+  Layout::Coordinates at;
+  int tp_rank = 0, dp_rank = 0, pp_rank = 0;  // the same as `at`
   MPI_Comm world = MPI_COMM_WORLD;
   // The ranks that differ from this one only in their tensor-, data- or pipeline-parallel index.
   RankGroup tensor, data, pipeline;

@@ -1,6 +1,7 @@
 #include "train/checkpoint.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -8,12 +9,15 @@
 
 #include "io/error.h"
 #include "io/hdf5_file.h"
-#include "model/stored_layout.h"
+#include "model/parameters.h"
 
 namespace fastllm {
 namespace {
 
-constexpr std::int64_t kFormatVersion = 1;
+// Version 2 adds the checksums of every dataset (README.md, "Formats"); version 1 files still load,
+// unverified.
+constexpr std::int64_t kFormatVersion = 2;
+constexpr std::int64_t kFirstVersionWithChecksums = 2;
 
 // Hugging Face [rows, cols] <-> stored [cols, rows].
 std::vector<float> transpose(const std::vector<float>& in, std::int64_t rows, std::int64_t cols) {
@@ -33,15 +37,15 @@ std::int64_t volume(const std::vector<std::int64_t>& count) {
 }
 
 // Where this rank's part of a parameter sits in its dataset: a block of whole rows (tensor-
-// parallel parts are contiguous rows of the stored orientation, DESIGN.md section 6).
+// parallel parts are contiguous rows of the stored orientation, docs/DESIGN.md section 6).
 struct Slab {
   std::vector<std::int64_t> offset, count;
 };
 
-Slab slab_of(const StoredAs& s, const Parameter& p) {
+Slab slab_of(const ParameterSpec& s, const Parameter& p) {
   Slab slab;
-  slab.offset = s.index;
-  slab.count.assign(s.index.size(), 1);
+  slab.offset = s.dataset_index;
+  slab.count.assign(s.dataset_index.size(), 1);
   std::vector<std::int64_t> shape = p.shape;
   if (s.transposed) std::swap(shape[0], shape[1]);
   // The stored axis this rank's part is cut along: the HF axis, swapped when stored transposed.
@@ -74,7 +78,7 @@ void place(const Slab& box, std::vector<float>& box_data, const Slab& part,
 
 // One section of a checkpoint: "/model" (the fp32 master weights), or a moment of AdamW.
 struct Section {
-  const char* group;  // dataset names are StoredAs::dataset with "/model" replaced by this
+  const char* group;  // dataset names are ParameterSpec::dataset with "/model" replaced by this
   OptimizerState state;
 };
 
@@ -86,14 +90,13 @@ const Section kSections[] = {{"/model", OptimizerState::Master},
                              {"/optimizer/exp_avg", OptimizerState::ExpAvg},
                              {"/optimizer/exp_avg_sq", OptimizerState::ExpAvgSq}};
 
-// The datasets of an architecture in a fixed order (the same on every rank), with the stored
-// layout of each.
-std::vector<std::pair<std::string, StoredAs>> datasets_of(const Architecture& arch) {
-  std::vector<std::pair<std::string, StoredAs>> out;
-  for (const ParameterShape& p : parameter_shapes(arch)) {
-    const StoredAs s = stored_as(arch, p.name);
-    if (std::none_of(out.begin(), out.end(), [&](const auto& d) { return d.first == s.dataset; }))
-      out.emplace_back(s.dataset, s);
+// The datasets of an architecture in a fixed order (the same on every rank): the first parameter
+// stored in each.
+std::vector<const ParameterSpec*> datasets_of(const std::vector<ParameterSpec>& table) {
+  std::vector<const ParameterSpec*> out;
+  for (const ParameterSpec& p : table) {
+    if (std::none_of(out.begin(), out.end(), [&](auto* d) { return d->dataset == p.dataset; }))
+      out.push_back(&p);
   }
   return out;
 }
@@ -112,12 +115,12 @@ std::vector<float> section_values(Model& model, AdamW* optimizer, OptimizerState
 // Reads the elements [begin, end) (flat, in the Hugging Face orientation) of this rank's part of
 // parameter p from the file into out: the rows of the stored orientation that hold them, so a
 // rank whose ZeRO-1 shard starts or ends inside a parameter reads at most a row more than it keeps.
-void read_part(H5File& file, const std::string& dataset, const StoredAs& s, const Parameter& p,
+void read_part(H5File& file, const std::string& dataset, const ParameterSpec& s, const Parameter& p,
                std::int64_t begin, std::int64_t end, float* out) {
   const std::int64_t width = p.shape.size() > 1 ? p.shape[1] : 1;
   const std::int64_t row0 = begin / width, row1 = (end + width - 1) / width;
   Slab slab = slab_of(s, p);
-  const std::size_t axis = s.index.size();  // the first axis of the parameter itself
+  const std::size_t axis = s.dataset_index.size();  // the first axis of the parameter itself
   std::vector<float> values;
   if (s.transposed) {
     // Memory rows are stored columns.
@@ -138,7 +141,7 @@ void read_part(H5File& file, const std::string& dataset, const StoredAs& s, cons
 // One part of a parameter to read: its elements [begin, end) into out.
 struct PartRead {
   const Parameter* parameter;
-  StoredAs stored;
+  const ParameterSpec* stored;
   std::int64_t begin, end;
   float* out;
 };
@@ -146,26 +149,120 @@ struct PartRead {
 // Reads every part, dataset by dataset in the architecture's order, as collective reads: a rank
 // with fewer parts of a dataset than another joins that one's extra reads with empty selections,
 // so that all ranks make the same calls.
-void read_parts(H5File& file, const Architecture& arch, const std::string& group,
+void read_parts(H5File& file, const std::vector<ParameterSpec>& table, const std::string& group,
                 const std::vector<PartRead>& parts, MPI_Comm world) {
-  for (const auto& [dataset, stored] : datasets_of(arch)) {
+  for (const ParameterSpec* stored : datasets_of(table)) {
+    const std::string& dataset = stored->dataset;
     std::vector<const PartRead*> mine;
     for (const PartRead& part : parts) {
-      if (part.stored.dataset == dataset) mine.push_back(&part);
+      if (part.stored->dataset == dataset) mine.push_back(&part);
     }
     long long calls = static_cast<long long>(mine.size());
     MPI_Allreduce(MPI_IN_PLACE, &calls, 1, MPI_LONG_LONG, MPI_MAX, world);
     const std::string name = in_group(dataset, group);
-    const std::vector<std::int64_t> nothing(stored.dataset_shape.size(), 0);
+    const std::vector<std::int64_t> nothing(stored->dataset_shape.size(), 0);
     for (long long i = 0; i < calls; ++i) {
       if (i < static_cast<long long>(mine.size())) {
         const PartRead& r = *mine[static_cast<std::size_t>(i)];
-        read_part(file, name, r.stored, *r.parameter, r.begin, r.end, r.out);
+        read_part(file, name, *r.stored, *r.parameter, r.begin, r.end, r.out);
       } else {
         file.read_slab_collective(name, H5DType::F32, nothing, nothing, nullptr);
       }
     }
   }
+}
+
+// The block one rank writes of a dataset and its values.
+struct Block {
+  Slab slab;
+  std::vector<float> values;
+};
+
+// This rank's parts of one dataset (its layers, all experts, its tensor-parallel rows; replicas
+// elsewhere hold none) merged into the one dense block they form, in the stored orientation.
+Block merge_parts(const std::vector<ParameterSpec>& table, const Model& model,
+                  const std::vector<float>& flat, const ParameterSpec& dataset) {
+  std::vector<Block> parts;
+  for (const Parameter& p : model.parameters()) {
+    const ParameterSpec& s = table[p.index];
+    if (!p.primary || s.dataset != dataset.dataset) continue;
+    std::vector<float> values(flat.begin() + p.offset, flat.begin() + p.offset + p.numel);
+    if (s.transposed) values = transpose(values, p.shape[0], p.shape[1]);
+    parts.push_back({slab_of(s, p), std::move(values)});
+  }
+  const std::size_t rank = dataset.dataset_shape.size();
+  Block block{{std::vector<std::int64_t>(rank, 0), std::vector<std::int64_t>(rank, 0)}, {}};
+  if (parts.empty()) return block;
+  block.slab = parts[0].slab;
+  for (const Block& part : parts) {
+    for (std::size_t a = 0; a < rank; ++a) {
+      const std::int64_t end = std::max(block.slab.offset[a] + block.slab.count[a],
+                                        part.slab.offset[a] + part.slab.count[a]);
+      block.slab.offset[a] = std::min(block.slab.offset[a], part.slab.offset[a]);
+      block.slab.count[a] = end - block.slab.offset[a];
+    }
+  }
+  std::int64_t held = 0;
+  for (const Block& part : parts)
+    held += static_cast<std::int64_t>(part.values.size());
+  if (held != volume(block.slab.count))
+    throw std::logic_error("checkpoint: this rank's part of " + dataset.dataset +
+                           " is not one block");
+  block.values.resize(static_cast<std::size_t>(held));
+  for (const Block& part : parts)
+    place(block.slab, block.values, part.slab, part.values.data());
+  return block;
+}
+
+// The share of a block that data-parallel rank dp_rank of dp_size writes: a contiguous range of
+// the first axis long enough to split (all of it on rank 0 when none is).
+Block data_parallel_share(Block block, int dp_rank, int dp_size) {
+  if (dp_size == 1 || block.values.empty()) return block;
+  std::vector<std::int64_t>& count = block.slab.count;
+  const auto axis =
+      std::find_if(count.begin(), count.end(), [&](std::int64_t c) { return c >= dp_size; });
+  if (axis == count.end()) {
+    if (dp_rank != 0) {
+      count[0] = 0;
+      block.values.clear();
+    }
+    return block;
+  }
+  const auto a = static_cast<std::size_t>(axis - count.begin());
+  const std::int64_t n = count[a];
+  const std::int64_t lo = n * dp_rank / dp_size, hi = n * (dp_rank + 1) / dp_size;
+  std::int64_t outer = 1, inner = 1;
+  for (std::size_t i = 0; i < a; ++i)
+    outer *= count[i];
+  for (std::size_t i = a + 1; i < count.size(); ++i)
+    inner *= count[i];
+  std::vector<float> mine;
+  mine.reserve(static_cast<std::size_t>(outer * (hi - lo) * inner));
+  for (std::int64_t o = 0; o < outer; ++o) {
+    const auto first = block.values.begin() + (o * n + lo) * inner;
+    mine.insert(mine.end(), first, first + (hi - lo) * inner);
+  }
+  block.values = std::move(mine);
+  block.slab.offset[a] += lo;
+  count[a] = hi - lo;
+  return block;
+}
+
+// An upper bound of a checkpoint's size: its datasets, their checksums, HDF5's alignment of each
+// dataset to 1 MiB, the attributes and the metadata.
+std::uint64_t checkpoint_bytes(const Architecture& arch, std::size_t sections,
+                               const TrainState& state) {
+  constexpr std::uint64_t kMiB = std::uint64_t{1} << 20;
+  std::uint64_t bytes = 4 * kMiB + 2 * state.config_json.size() + 2 * architecture_to_json(arch).size();
+  const std::vector<ParameterSpec> table = parameter_table(arch);
+  for (const ParameterSpec* d : datasets_of(table)) {
+    const auto elements = static_cast<std::uint64_t>(volume(d->dataset_shape));
+    // Objects of 1 MiB or more start on a 1 MiB boundary: less than 1 MiB lost before each.
+    const std::uint64_t data = elements * sizeof(float), sums = elements / 8 + 8;
+    bytes += sections * (data + sums + (data >= kMiB ? kMiB : 0) + (sums >= kMiB ? kMiB : 0) +
+                         64 * 1024);
+  }
+  return bytes;
 }
 
 }  // namespace
@@ -197,76 +294,42 @@ std::vector<std::string> list_checkpoints(const std::string& dir) {
 void save_checkpoint(const std::string& path, Model& model, AdamW* optimizer,
                      const TrainState& state, const CheckpointRanks& ranks) {
   const Architecture& arch = model.arch();
+  const std::vector<ParameterSpec> table = parameter_table(arch);
+  const std::vector<const ParameterSpec*> datasets = datasets_of(table);
+  // Weights that are not finite are never saved, so that the last checkpoint stays a good one.
+  std::vector<float> master = section_values(model, optimizer, OptimizerState::Master);
+  std::string bad;
+  for (const Parameter& p : model.parameters()) {
+    const auto first = master.begin() + p.offset;
+    const auto found = std::find_if(first, first + p.numel, [](float v) { return !std::isfinite(v); });
+    if (found != first + p.numel) {
+      bad = p.name + " holds " + (std::isnan(*found) ? "NaN" : "an infinity") + " at element " +
+            std::to_string(found - first);
+      break;
+    }
+  }
+  int any_bad = bad.empty() ? 0 : 1;
+  MPI_Allreduce(MPI_IN_PLACE, &any_bad, 1, MPI_INT, MPI_MAX, ranks.world);
+  if (any_bad)
+    throw UserError("not saving " + path + ": the weights are not finite (" +
+                    (bad.empty() ? std::string("on another rank") : bad) + ")");
   H5File file = H5File::create(path, ranks.world);
-  const std::vector<std::pair<std::string, StoredAs>> datasets = datasets_of(arch);
   const std::size_t sections = optimizer ? 3 : 1;
+  file.reserve(checkpoint_bytes(arch, sections, state));
   for (std::size_t k = 0; k < sections; ++k) {
-    for (const auto& [name, s] : datasets)
-      file.define_dataset(in_group(name, kSections[k].group), H5DType::F32, s.dataset_shape);
+    for (const ParameterSpec* d : datasets)
+      file.define_dataset(in_group(d->dataset, kSections[k].group), H5DType::F32,
+                          d->dataset_shape);
   }
   for (std::size_t k = 0; k < sections; ++k) {
-    const std::vector<float> flat = section_values(model, optimizer, kSections[k].state);
-    // One collective write per dataset: this rank's parameters of it form one dense block (its
-    // layers, all experts, its tensor-parallel rows); replicas elsewhere write nothing.
-    for (const auto& [name, stored] : datasets) {
-      std::vector<std::pair<Slab, std::vector<float>>> parts;
-      for (const Parameter& p : model.parameters()) {
-        if (!p.primary) continue;
-        const StoredAs s = stored_as(arch, p.name);
-        if (s.dataset != name) continue;
-        std::vector<float> values(flat.begin() + p.offset, flat.begin() + p.offset + p.numel);
-        if (s.transposed) values = transpose(values, p.shape[0], p.shape[1]);
-        parts.emplace_back(slab_of(s, p), std::move(values));
-      }
-      const std::size_t rank = stored.dataset_shape.size();
-      Slab box{std::vector<std::int64_t>(rank, 0), std::vector<std::int64_t>(rank, 0)};
-      std::vector<float> data;
-      if (!parts.empty()) {
-        box = parts[0].first;
-        for (const auto& [slab, values] : parts) {
-          for (std::size_t a = 0; a < rank; ++a) {
-            const std::int64_t end =
-                std::max(box.offset[a] + box.count[a], slab.offset[a] + slab.count[a]);
-            box.offset[a] = std::min(box.offset[a], slab.offset[a]);
-            box.count[a] = end - box.offset[a];
-          }
-        }
-        std::int64_t held = 0;
-        for (const auto& part : parts)
-          held += static_cast<std::int64_t>(part.second.size());
-        if (held != volume(box.count))
-          throw std::logic_error("checkpoint: this rank's part of " + name + " is not one block");
-        data.resize(static_cast<std::size_t>(held));
-        for (const auto& [slab, values] : parts)
-          place(box, data, slab, values.data());
-        // Data-parallel replicas each write a share of the block's first axis long enough.
-        const auto axis = std::find_if(box.count.begin(), box.count.end(),
-                                       [&](std::int64_t c) { return c >= ranks.dp_size; });
-        if (axis == box.count.end()) {
-          if (ranks.dp_rank != 0) box.count[0] = 0;
-        } else if (ranks.dp_size > 1) {
-          const auto a = static_cast<std::size_t>(axis - box.count.begin());
-          const std::int64_t n = box.count[a];
-          const std::int64_t lo = n * ranks.dp_rank / ranks.dp_size;
-          const std::int64_t hi = n * (ranks.dp_rank + 1) / ranks.dp_size;
-          std::int64_t outer = 1, inner = 1;
-          for (std::size_t i = 0; i < a; ++i)
-            outer *= box.count[i];
-          for (std::size_t i = a + 1; i < rank; ++i)
-            inner *= box.count[i];
-          std::vector<float> mine;
-          mine.reserve(static_cast<std::size_t>(outer * (hi - lo) * inner));
-          for (std::int64_t o = 0; o < outer; ++o) {
-            const auto first = data.begin() + (o * n + lo) * inner;
-            mine.insert(mine.end(), first, first + (hi - lo) * inner);
-          }
-          data = std::move(mine);
-          box.offset[a] += lo;
-          box.count[a] = hi - lo;
-        }
-      }
-      file.write_slab(in_group(name, kSections[k].group), H5DType::F32, box.offset, box.count,
-                      data.data());
+    const std::vector<float> flat =
+        k == 0 ? std::move(master) : section_values(model, optimizer, kSections[k].state);
+    // One collective write per dataset.
+    for (const ParameterSpec* d : datasets) {
+      const Block block = data_parallel_share(merge_parts(table, model, flat, *d), ranks.dp_rank,
+                                              ranks.dp_size);
+      file.write_slab(in_group(d->dataset, kSections[k].group), H5DType::F32, block.slab.offset,
+                      block.slab.count, block.values.data());
     }
   }
   file.set_attr_int("/", "format_version", kFormatVersion);
@@ -295,13 +358,32 @@ Architecture stored_architecture(const H5File& file, const std::string& path) {
   if (!file.has_attr("/", "format_version") || !file.has_attr("/", "architecture"))
     throw UserError(path + ": not a fastllm checkpoint (no format_version or architecture)");
   const std::int64_t version = file.attr_int("/", "format_version");
-  if (version != kFormatVersion)
+  if (version < 1 || version > kFormatVersion)
     throw UserError(path + ": checkpoint format version " + std::to_string(version) +
-                    ", this fastllm reads version " + std::to_string(kFormatVersion));
+                    ", this fastllm reads versions 1 to " + std::to_string(kFormatVersion));
   return architecture_from_json(file.attr_string("/", "architecture"), path);
 }
 
 }  // namespace
+
+std::optional<std::int64_t> iteration_in_name(const std::string& path) {
+  static const std::regex pattern(R"(checkpoint-(\d{1,18})\.h5)");
+  std::smatch m;
+  const std::string name = std::filesystem::path(path).filename().string();
+  if (!std::regex_match(name, m, pattern)) return std::nullopt;
+  return std::stoll(m[1]);
+}
+
+std::int64_t checkpoint_iteration(const std::string& path, MPI_Comm comm) {
+  const H5File file = H5File::open_read(path, comm);
+  stored_architecture(file, path);
+  const std::int64_t iteration = file.attr_int("/", "iteration");
+  const std::optional<std::int64_t> named = iteration_in_name(path);
+  if (named && *named != iteration)
+    throw UserError(path + ": the name says iteration " + std::to_string(*named) +
+                    " but the checkpoint holds iteration " + std::to_string(iteration));
+  return iteration;
+}
 
 Architecture checkpoint_architecture(const std::string& path, MPI_Comm comm) {
   return stored_architecture(H5File::open_read(path, comm), path);
@@ -311,6 +393,7 @@ TrainState load_checkpoint(const std::string& path, Model& model, AdamW* optimiz
                            const CheckpointRanks& ranks) {
   H5File file = H5File::open_read(path, ranks.world);
   const Architecture stored = stored_architecture(file, path);
+  const bool checksummed = file.attr_int("/", "format_version") >= kFirstVersionWithChecksums;
   const Architecture& arch = model.arch();
   if (!(stored == arch))
     throw UserError(path + ": the checkpoint holds another architecture (" +
@@ -318,12 +401,16 @@ TrainState load_checkpoint(const std::string& path, Model& model, AdamW* optimiz
   // A converted model has no optimizer state yet: the moments start at zero.
   const bool moments = optimizer && file.has("/optimizer/exp_avg/embed");
   const std::size_t sections = moments ? 3 : 1;
+  const std::vector<ParameterSpec> table = parameter_table(arch);
   for (std::size_t k = 0; k < sections; ++k) {
-    for (const auto& [dataset, s] : datasets_of(arch)) {
-      const std::string name = in_group(dataset, kSections[k].group);
+    for (const ParameterSpec* d : datasets_of(table)) {
+      const std::string name = in_group(d->dataset, kSections[k].group);
       if (!file.has(name)) throw UserError(path + ": dataset " + name + " is missing");
-      if (file.dataset_shape(name) != s.dataset_shape)
+      if (file.dataset_shape(name) != d->dataset_shape)
         throw UserError(path + ": dataset " + name + " has another shape than the architecture's");
+      if (checksummed && !file.has_checksums(name))
+        throw UserError(path + ": dataset " + name + " has no checksums (format version " +
+                        std::to_string(kFormatVersion) + " stores them)");
     }
   }
   std::uint64_t share = 0;
@@ -335,10 +422,10 @@ TrainState load_checkpoint(const std::string& path, Model& model, AdamW* optimiz
     std::vector<float> flat(static_cast<std::size_t>(model.parameter_count()));
     std::vector<PartRead> parts;
     for (const Parameter& p : model.parameters()) {
-      parts.push_back({&p, stored_as(arch, p.name), 0, p.numel, flat.data() + p.offset});
+      parts.push_back({&p, &table[p.index], 0, p.numel, flat.data() + p.offset});
       share += static_cast<std::uint64_t>(p.numel) * sizeof(float);
     }
-    read_parts(file, arch, "/model", parts, ranks.world);
+    read_parts(file, table, "/model", parts, ranks.world);
     for (const Parameter& p : model.parameters())
       model.write_weight(p, flat.data() + p.offset);
     if (optimizer) {
@@ -351,10 +438,10 @@ TrainState load_checkpoint(const std::string& path, Model& model, AdamW* optimiz
         for (const Parameter& p : model.parameters()) {
           const std::int64_t lo = std::max(begin, p.offset), hi = std::min(end, p.offset + p.numel);
           if (lo < hi)
-            parts.push_back({&p, stored_as(arch, p.name), lo - p.offset, hi - p.offset,
+            parts.push_back({&p, &table[p.index], lo - p.offset, hi - p.offset,
                              values.data() + (lo - begin)});
         }
-        read_parts(file, arch, kSections[k].group, parts, ranks.world);
+        read_parts(file, table, kSections[k].group, parts, ranks.world);
         optimizer->load(kSections[k].state, values.data());
         share += static_cast<std::uint64_t>(end - begin) * sizeof(float);
       }

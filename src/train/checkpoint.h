@@ -1,5 +1,5 @@
 #pragma once
-// Training checkpoints: one HDF5 file each (DESIGN.md section 6) holding the fp32 master weights,
+// Training checkpoints: one HDF5 file each (docs/DESIGN.md section 6) with the fp32 master weights,
 // the AdamW moments, and everything needed to continue exactly: iteration, consumed samples, the
 // sampler's position, the seed and the resolved configuration.
 #include <mpi.h>
@@ -52,6 +52,12 @@ TrainState load_checkpoint(const std::string& path, Model& model, AdamW* optimiz
 void save_checkpoint(const std::string& path, Model& model, AdamW* optimizer,
                      const TrainState& state, MPI_Comm comm);
 TrainState load_checkpoint(const std::string& path, Model& model, AdamW* optimizer, MPI_Comm comm);
+
+// The iteration a checkpoint file's name says ("checkpoint-00001200.h5": 1200), if it has that form.
+std::optional<std::int64_t> iteration_in_name(const std::string& path);
+// Collective. The iteration a checkpoint holds, after checking that it opens as a fastllm checkpoint
+// and that its name (when of the form above) says the same; UserError otherwise.
+std::int64_t checkpoint_iteration(const std::string& path, MPI_Comm comm);
 
 // The architecture a checkpoint file was saved with, without loading it.
 Architecture checkpoint_architecture(const std::string& path, MPI_Comm comm);

@@ -46,69 +46,71 @@ AdamW::AdamW(Backend& backend, Model& model, const AdamWSettings& settings,
   exp_avg_sq_ = zeros(shard_size_);
 }
 
-void AdamW::reduce_gradients() {
-  if (!data_parallel_) return;
-  if (zero_) {
-    data_parallel_->reduce_scatter(model_.padded_grads(), grad_shard_.t, ReduceOp::Sum);
-  } else {
-    data_parallel_->all_reduce(model_.flat_grads(), ReduceOp::Sum);
-  }
-}
-
 Tensor AdamW::shard_grads() const {
   return zero_ ? grad_shard_.t.rows(0, shard_end_ - shard_begin_) : model_.flat_grads();
 }
 
 double AdamW::grad_sum_squares() {
   if (data_parallel_ && !zero_ && data_parallel_->rank() != 0) return 0.0;
-  const Tensor grads = shard_grads();
-  // Contiguous runs of counted parameters, each summed in one pass.
-  double sum = 0;
-  std::int64_t run_begin = 0, run_end = 0;
-  auto flush = [&] {
-    if (run_end > run_begin)
-      sum += backend_.sum_squares(grads.rows(run_begin, run_end - run_begin));
-    run_begin = run_end = 0;
-  };
+  // Contiguous runs of counted parameters, summed by one multi-range reduction.
+  std::vector<FlatRange> runs;
   for (const Parameter& p : model_.parameters()) {
     const std::int64_t lo = std::max(p.offset, shard_begin_) - shard_begin_;
     const std::int64_t hi = std::min(p.offset + p.numel, shard_end_) - shard_begin_;
     if (!p.primary || lo >= hi) {
-      flush();
+      runs.push_back({});
       continue;
     }
-    if (lo != run_end) {
-      flush();
-      run_begin = lo;
+    if (runs.empty() || runs.back().count == 0 || runs.back().begin + runs.back().count != lo) {
+      runs.push_back({lo, hi - lo});
+    } else {
+      runs.back().count = hi - runs.back().begin;
     }
-    run_end = hi;
   }
-  flush();
-  return sum;
+  std::erase_if(runs, [](const FlatRange& r) { return r.count == 0; });
+  return backend_.sum_squares_ranges(shard_grads(), runs);
 }
 
-void AdamW::step(double lr, double grad_scale) {
+void AdamW::step(double lr, double grad_scale, bool zero_grads) {
   ++step_;
-  const Tensor grads = shard_grads();
+  // Adjacent parameters with the same weight decay form one range of the fused update.
+  std::vector<AdamWRange> ranges;
   for (const Parameter& p : model_.parameters()) {
     const std::int64_t lo = std::max(p.offset, shard_begin_) - shard_begin_;
     const std::int64_t hi = std::min(p.offset + p.numel, shard_end_) - shard_begin_;
     if (lo >= hi) continue;
-    auto slice = [&](Tensor t) { return t.rows(lo, hi - lo); };
-    backend_.adamw(slice(master_), slice(grads), slice(exp_avg_.t), slice(exp_avg_sq_.t),
-                   static_cast<float>(lr), static_cast<float>(settings_.beta1),
-                   static_cast<float>(settings_.beta2), static_cast<float>(settings_.eps),
-                   p.decay ? static_cast<float>(settings_.weight_decay) : 0.0f, step_,
-                   static_cast<float>(grad_scale));
+    const float decay = p.decay ? static_cast<float>(settings_.weight_decay) : 0.0f;
+    if (!ranges.empty() && ranges.back().begin + ranges.back().count == lo &&
+        ranges.back().weight_decay == decay) {
+      ranges.back().count = hi - ranges.back().begin;
+    } else {
+      ranges.push_back({lo, hi - lo, decay});
+    }
   }
-  master_to_model();
+  AdamWStepScalars scalars;
+  scalars.lr = static_cast<float>(lr);
+  scalars.beta1 = static_cast<float>(settings_.beta1);
+  scalars.beta2 = static_cast<float>(settings_.beta2);
+  scalars.eps = static_cast<float>(settings_.eps);
+  scalars.step = step_;
+  scalars.grad_scale = static_cast<float>(grad_scale);
+  // A bf16 model takes its new weights from the same pass; an F32 model's are the master weights.
+  const Tensor weights = own_master_.t.data ? model_shard_weights() : Tensor{};
+  backend_.adamw_ranges(master_, shard_grads(), exp_avg_.t, exp_avg_sq_.t, weights, ranges, scalars,
+                        zero_grads);
+  if (zero_) {
+    const Tensor all = model_.padded_weights();
+    data_parallel_->all_gather(all.rows(data_parallel_->rank() * shard_size_, shard_size_), all);
+  }
+}
+
+Tensor AdamW::model_shard_weights() const {
+  const std::int64_t offset = zero_ ? data_parallel_->rank() * shard_size_ : 0;
+  return model_.padded_weights().rows(offset, shard_size_);
 }
 
 void AdamW::master_to_model() {
-  if (own_master_.t.data) {
-    const std::int64_t offset = zero_ ? data_parallel_->rank() * shard_size_ : 0;
-    backend_.copy(model_.padded_weights().rows(offset, shard_size_), master_);
-  }
+  if (own_master_.t.data) backend_.copy(model_shard_weights(), master_);
   if (zero_) {
     const Tensor all = model_.padded_weights();
     data_parallel_->all_gather(all.rows(data_parallel_->rank() * shard_size_, shard_size_), all);
@@ -116,9 +118,7 @@ void AdamW::master_to_model() {
 }
 
 void AdamW::model_to_master() {
-  if (!own_master_.t.data) return;
-  const std::int64_t offset = zero_ ? data_parallel_->rank() * shard_size_ : 0;
-  backend_.copy(master_, model_.padded_weights().rows(offset, shard_size_));
+  if (own_master_.t.data) backend_.copy(master_, model_shard_weights());
 }
 
 Tensor AdamW::full_shard(OptimizerState which) const {

@@ -1,13 +1,13 @@
 #pragma once
-// AdamW on fp32 master weights (DESIGN.md section 7), over every parameter a rank holds, with the
+// AdamW on fp32 master weights (docs/DESIGN.md section 7), over all a rank's parameters, with the
 // gradient sum over the data-parallel group and ZeRO-1 (each data-parallel rank keeps the master
 // weights and moments of one shard of the flat parameters, updates it, and the ranks all-gather
 // the new weights).
 #include <cstdint>
 #include <vector>
 
+#include "kernels/communicator.h"
 #include "model/model.h"
-#include "parallel/communicator.h"
 
 namespace fastllm {
 
@@ -27,14 +27,17 @@ class AdamW {
   AdamW(Backend& backend, Model& model, const AdamWSettings& settings,
         Communicator* data_parallel = nullptr, bool zero = false);
 
-  // Sums the gradients over the data-parallel group: an all-reduce, or with ZeRO-1 a
-  // reduce-scatter leaving this rank the sum of its shard.
-  void reduce_gradients();
+  // Where finalize_gradients (parallel/finalize.h) reduce-scatters this rank's shard of the summed
+  // gradients with ZeRO-1; empty without it (the model's flat gradients are all-reduced in place).
+  Tensor gradient_shard() const { return zero_ ? grad_shard_.t : Tensor(); }
   // Sum of squares of the reduced gradients this rank accounts for in the global norm: its
   // primary parameters, within its shard with ZeRO-1, and on data-parallel rank 0 only without.
   double grad_sum_squares();
   // One update with learning rate lr; gradients are multiplied by grad_scale first (clipping).
-  void step(double lr, double grad_scale);
+  // One fused pass over the shard (Backend::adamw_ranges) that also writes a bf16 model's weights
+  // and, with zero_grads, clears the gradients it read: the model's without ZeRO-1, this rank's
+  // reduced shard with it (the model's full gradients are then still the caller's to clear).
+  void step(double lr, double grad_scale, bool zero_grads = false);
   std::int64_t steps() const { return step_; }
   void set_steps(std::int64_t steps) { step_ = steps; }
 
@@ -63,6 +66,8 @@ class AdamW {
   State zeros(std::int64_t n);
   Tensor shard(Tensor t) const { return t.rows(0, shard_end_ - shard_begin_); }
   Tensor full_shard(OptimizerState which) const;
+  // This rank's shard of the model's own (compute-dtype) weights, padding included.
+  Tensor model_shard_weights() const;
   // The reduced gradients, indexed like the shard's state.
   Tensor shard_grads() const;
 

@@ -1,5 +1,5 @@
 #pragma once
-// Learning rate per iteration (DESIGN.md section 7): linear warmup, then constant, linear or cosine
+// The learning rate (docs/DESIGN.md section 7): linear warmup, then constant, linear or cosine
 // decay to min_lr at lr_decay_iters.
 #include <cstdint>
 #include <string>

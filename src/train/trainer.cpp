@@ -8,16 +8,21 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 
 #include "io/error.h"
 #include "model/hf_weights.h"
+#include "model/parameters.h"
 #include "parallel/backend_setup.h"
 #include "parallel/mpi_session.h"
+#include "parallel/finalize.h"
 #include "parallel/pipeline.h"
 #include "parallel/topology.h"
 #include "train/checkpoint.h"
+#include "train/save_folder.h"
 
 namespace fastllm {
 namespace {
@@ -90,26 +95,31 @@ class Trainer {
         mpi_(mpi),
         topo_(topology),
         backend_(backend),
-        model_(backend_, model.arch, model.run, model_partition(topology)),
+        model_(backend_, model.arch, model.run, model_partition(topology), settings.recompute),
         optimizer_(backend_, model_, settings.adamw, topology.data.get(),
-                   topology.layout.zero_stage == 1),
-        pipeline_(model_, topology.pipeline->size() > 1 ? topology.pipeline.get() : nullptr) {}
+                   topology.layout.zero_stage >= 1),
+        sink_(backend_, topology, optimizer_.gradient_shard()),
+        pipeline_(model_, topology.pipeline->size() > 1 ? topology.pipeline.get() : nullptr) {
+    if (model_.gradient_buckets()) model_.set_gradient_sink(&sink_);
+  }
 
   int run();
 
  private:
   bool rank0() const { return mpi_.rank() == 0; }
+  // Runs fn on rank 0; a UserError it throws is thrown on every rank.
+  template <class Fn>
+  void on_rank0(Fn&& fn) const;
+  bool stop_requested() const;
+  void prepare_save_folder();
   void restore();
   void step(std::int64_t iteration);
-  double evaluate();
+  std::optional<double> evaluate();  // nullopt: interrupted by a signal
   void report_evaluation(std::int64_t iteration);
   void save(std::int64_t iteration);
   void log(std::int64_t iteration, double loss, double lr, double grad_norm, double seconds);
   void record(const nlohmann::ordered_json& line);
   double allreduce_sum(double value) const;
-  // The sum over the data-parallel replicas of what the last stage's first tensor-parallel rank
-  // holds (the loss sums), on every rank.
-  double loss_sum(double value) const;
   CheckpointRanks checkpoint_ranks() const;
 
   const Options& options_;
@@ -120,10 +130,16 @@ class Trainer {
   Backend& backend_;
   Model model_;
   AdamW optimizer_;
+  ShardedGradientSink sink_;  // ZeRO-2's
   Pipeline pipeline_;
   std::unique_ptr<DataSampler> train_data_, valid_data_;
   TrainState state_;
   double step_loss_ = 0, step_grad_norm_ = 0;
+  bool step_skipped_ = false;  // the step's loss or gradient norm was not finite: no update
+  std::int64_t skipped_in_a_row_ = 0, skipped_total_ = 0;
+  std::unique_ptr<SaveFolderLock> save_lock_;
+  std::set<std::string> rejected_;  // checkpoints that failed to load: never counted nor replaced
+  std::string loaded_from_;
   std::chrono::steady_clock::time_point interval_start_;
   std::int64_t interval_iterations_ = 0;
 };
@@ -134,8 +150,37 @@ double Trainer::allreduce_sum(double value) const {
   return out;
 }
 
-double Trainer::loss_sum(double value) const {
-  return allreduce_sum(topo_.last_stage() && topo_.tp_rank == 0 ? value : 0.0);
+template <class Fn>
+void Trainer::on_rank0(Fn&& fn) const {
+  std::string failure;
+  if (rank0()) {
+    try {
+      fn();
+    } catch (const UserError& e) {
+      failure = e.what();
+      if (failure.empty()) failure = "error";
+    }
+  }
+  int length = static_cast<int>(failure.size());
+  MPI_Bcast(&length, 1, MPI_INT, 0, mpi_.world());
+  if (length == 0) return;
+  failure.resize(static_cast<std::size_t>(length));
+  MPI_Bcast(failure.data(), length, MPI_CHAR, 0, mpi_.world());
+  throw UserError(failure);
+}
+
+// Whether any rank got SIGTERM or SIGUSR1; collective, so that all ranks stop at the same point.
+bool Trainer::stop_requested() const {
+  int stop = g_stop_signal.load();
+  MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, mpi_.world());
+  return stop != 0;
+}
+
+// Before anything else: a --save folder that cannot be written, or that another run uses, must
+// not be found after the last iteration.
+void Trainer::prepare_save_folder() {
+  if (s_.save.empty()) return;
+  on_rank0([&] { save_lock_ = std::make_unique<SaveFolderLock>(s_.save); });
 }
 
 CheckpointRanks Trainer::checkpoint_ranks() const {
@@ -150,23 +195,32 @@ void Trainer::restore() {
   state_.seed = s_.seed;
   state_.config_json = config_json(options_, config_);
   std::vector<std::string> found;
+  // A file named by --load must load; in a folder, unreadable files are reported and skipped.
+  bool explicit_file = false;
   if (!s_.load.empty()) {
     if (fs::is_directory(s_.load)) {
       found = list_checkpoints(s_.load);
     } else if (fs::exists(s_.load)) {
       found = {s_.load};
+      explicit_file = true;
     }
     if (found.empty() && rank0())
       std::cerr << "fastllm train: no checkpoint in --load=" << s_.load << "; starting fresh\n";
   }
   // Newest first; an unreadable file (a save killed half-way, a truncated copy) is reported and
   // the one before it used, but a readable checkpoint of another model is an error.
+  const auto skip = [&](const std::string& path, const UserError& e) {
+    if (explicit_file) throw UserError("--load=" + path + ": " + e.what());
+    rejected_.insert(path);
+    if (rank0()) std::cerr << "fastllm train: skipping " << path << ": " << e.what() << "\n";
+  };
   for (auto it = found.rbegin(); it != found.rend(); ++it) {
     std::optional<Architecture> stored;
     try {
+      checkpoint_iteration(*it, mpi_.world());
       stored = checkpoint_architecture(*it, mpi_.world());
     } catch (const UserError& e) {
-      if (rank0()) std::cerr << "fastllm train: skipping " << *it << ": " << e.what() << "\n";
+      skip(*it, e);
       continue;
     }
     if (!(*stored == config_.arch))
@@ -178,11 +232,12 @@ void Trainer::restore() {
       const TrainState loaded = load_checkpoint(*it, model_, &optimizer_, ranks);
       state_.iteration = loaded.iteration;
       state_.consumed_samples = loaded.consumed_samples;
+      loaded_from_ = *it;
       if (rank0())
         std::cout << "resumed from " << *it << " at iteration " << state_.iteration << "\n";
       return;
     } catch (const UserError& e) {
-      if (rank0()) std::cerr << "fastllm train: skipping " << *it << ": " << e.what() << "\n";
+      skip(*it, e);
     }
   }
   if (config_.load_weights) {
@@ -212,51 +267,77 @@ void Trainer::step(std::int64_t iteration) {
   const double micro_batches = static_cast<double>(accumulation * dp);
 
   model_.zero_grads();
+  if (model_.gradient_buckets()) backend_.fill(optimizer_.gradient_shard(), 0.0f);
   const PipelineTotals totals =
       pipeline_.forward_backward(batches, 1.0 / predicted, coeff / micro_batches);
-  sync_replicated_gradients(model_, topo_);
-  optimizer_.reduce_gradients();
-  step_loss_ =
-      loss_sum(totals.ce_sum) / predicted + coeff * loss_sum(totals.aux_sum) / micro_batches;
+  finalize_gradients(model_, topo_, optimizer_.gradient_shard());
+  const GlobalLoss loss = global_loss(totals, topo_);
+  step_loss_ = loss.ce_sum / predicted + coeff * loss.aux_sum / micro_batches;
   step_grad_norm_ = std::sqrt(allreduce_sum(optimizer_.grad_sum_squares()));
-  // torch.nn.utils.clip_grad_norm_: scale by min(1, clip / (norm + 1e-6)).
-  const double scale =
-      s_.clip_grad > 0 ? std::min(1.0, s_.clip_grad / (step_grad_norm_ + 1e-6)) : 1.0;
-  optimizer_.step(s_.schedule.at(iteration), scale);
+  // The same values on every rank, so all skip together; a skipped step changes no weight.
+  step_skipped_ = !std::isfinite(step_loss_) || !std::isfinite(step_grad_norm_);
+  if (!step_skipped_) {
+    // torch.nn.utils.clip_grad_norm_: scale by min(1, clip / (norm + 1e-6)).
+    const double scale =
+        s_.clip_grad > 0 ? std::min(1.0, s_.clip_grad / (step_grad_norm_ + 1e-6)) : 1.0;
+    optimizer_.step(s_.schedule.at(iteration), scale);
+  }
   state_.consumed_samples += s_.batch_size;
   state_.iteration = iteration + 1;
 }
 
-double Trainer::evaluate() {
+std::optional<double> Trainer::evaluate() {
   const int dp = topo_.layout.data_parallel;
   const std::int64_t accumulation = s_.batch_size / (dp * s_.micro_batch_size);
-  double ce = 0, predicted = 0;
+  PipelineTotals totals;
   for (std::int64_t i = 0; i < s_.eval_iters; ++i) {
-    const PipelineTotals totals = pipeline_.forward(read_micro_batches(
+    if (stop_requested()) return std::nullopt;
+    const PipelineTotals batch = pipeline_.forward(read_micro_batches(
         *valid_data_, i * s_.batch_size, accumulation, topo_.dp_rank, dp, s_.micro_batch_size));
-    ce += totals.ce_sum;
-    predicted += static_cast<double>(totals.predicted);
+    totals.ce_sum += batch.ce_sum;
+    totals.predicted += batch.predicted;
   }
-  return loss_sum(ce) / std::max(1.0, loss_sum(predicted));
+  const GlobalLoss loss = global_loss(totals, topo_);
+  return loss.ce_sum / std::max<double>(1.0, static_cast<double>(loss.predicted));
 }
 
 void Trainer::save(std::int64_t iteration) {
   if (s_.save.empty()) return;
+  if (iteration != state_.iteration)
+    throw std::logic_error("save: checkpoint " + std::to_string(iteration) + " of state at " +
+                           std::to_string(state_.iteration));
   const std::string path = (fs::path(s_.save) / checkpoint_name(iteration)).string();
+  // A complete checkpoint is never replaced; one that failed to load is moved aside.
+  on_rank0([&] {
+    if (!fs::exists(path)) return;
+    if (rejected_.count(path) == 0)
+      throw UserError(path + " already exists; a complete checkpoint is never overwritten");
+    std::error_code error;
+    fs::rename(path, path + ".corrupt", error);
+    if (error) throw UserError("cannot move the unreadable " + path + " aside: " + error.message());
+    std::cerr << "fastllm train: moved the unreadable " << path << " to " << path << ".corrupt\n";
+  });
   save_checkpoint(path, model_, &optimizer_, state_, checkpoint_ranks());
   if (rank0()) {
     std::cout << "saved " << path << "\n";
-    const auto all = list_checkpoints(s_.save);
-    for (std::size_t i = 0;
-         s_.keep_checkpoints > 0 && i + static_cast<std::size_t>(s_.keep_checkpoints) < all.size();
-         ++i)
-      fs::remove(all[i]);
+    for (const std::string& old :
+         checkpoints_to_rotate(s_.save, s_.keep_checkpoints, path, iteration, rejected_)) {
+      std::error_code ignored;
+      fs::remove(old, ignored);
+    }
   }
 }
 
+// Collective: a write that fails (a full disk) stops every rank.
 void Trainer::record(const nlohmann::ordered_json& line) {
-  if (!rank0() || s_.save.empty()) return;
-  std::ofstream(fs::path(s_.save) / "metrics.jsonl", std::ios::app) << line.dump() << "\n";
+  if (s_.save.empty()) return;
+  on_rank0([&] {
+    const fs::path path = fs::path(s_.save) / "metrics.jsonl";
+    std::ofstream out(path, std::ios::app);
+    out << line.dump() << "\n";
+    out.flush();
+    if (!out) throw UserError("cannot write " + path.string() + " (the disk may be full)");
+  });
 }
 
 void Trainer::log(std::int64_t iteration, double loss, double lr, double grad_norm,
@@ -294,13 +375,19 @@ void Trainer::log(std::int64_t iteration, double loss, double lr, double grad_no
 }
 
 void Trainer::report_evaluation(std::int64_t iteration) {
-  const double eval_loss = evaluate();
+  const std::optional<double> evaluated = evaluate();
+  if (!evaluated) {
+    if (rank0()) std::cout << "iteration " << iteration << " | validation interrupted by a signal\n";
+    return;
+  }
+  const double eval_loss = *evaluated;
   record({{"iteration", iteration}, {"eval_loss", eval_loss}});
   if (rank0())
     std::cout << "iteration " << iteration << " | validation loss " << eval_loss << std::endl;
 }
 
 int Trainer::run() {
+  prepare_save_folder();
   train_data_ = std::make_unique<DataSampler>(s_.data, DataSplit::kTrain);
   if (train_data_->empty())
     throw UserError("--split=" + options_.get_string("split") +
@@ -313,41 +400,100 @@ int Trainer::run() {
     }
   }
   restore();
-  if (rank0() && !s_.save.empty()) {
-    fs::create_directories(s_.save);
-    std::ofstream(fs::path(s_.save) / "config.json")
-        << nlohmann::json::parse(state_.config_json).dump(1) << "\n";
-    const Layout& l = topo_.layout;
-    std::cout << "model: " << count_parameters(config_.arch).total << " parameters; layout data "
-              << l.data_parallel << " x tensor " << l.tensor_parallel << " x pipeline "
-              << l.pipeline_parallel << ", ZeRO-1 " << (l.zero_stage == 1 ? "on" : "off")
-              << "; batch " << s_.batch_size << " x " << s_.sequence_length << " tokens\n";
+  if (state_.iteration >= s_.train_iters) {
+    if (rank0())
+      std::cout << "nothing to train: " << loaded_from_ << " is at iteration " << state_.iteration
+                << " and --train_iters=" << s_.train_iters << "\n";
+    return 0;
+  }
+  if (!s_.save.empty()) {
+    // Checkpoints of --save past this one would be overwritten by this run's.
+    on_rank0([&] {
+      for (const std::string& path : list_checkpoints(s_.save)) {
+        const std::optional<std::int64_t> named = iteration_in_name(path);
+        if (rejected_.count(path) == 0 && named && *named > state_.iteration)
+          throw UserError("--save=" + s_.save + " holds " + path + ", past the iteration " +
+                          std::to_string(state_.iteration) + " this run starts from; pass --load=" +
+                          s_.save + " to resume it, or save to another folder");
+      }
+    });
+    on_rank0([&] {
+      const fs::path path = fs::path(s_.save) / "config.json";
+      std::ofstream out(path);
+      out << nlohmann::json::parse(state_.config_json).dump(1) << "\n";
+      out.flush();
+      if (!out) throw UserError("cannot write " + path.string() + " (the disk may be full)");
+    });
+    if (rank0()) {
+      const Layout& l = topo_.layout;
+      std::cout << "model: " << count_parameters(config_.arch).total
+                << " parameters; layout data " << l.data_parallel << " x tensor "
+                << l.tensor_parallel << " x pipeline " << l.pipeline_parallel << ", ZeRO-1 "
+                << (l.zero_stage == 1 ? "on" : "off") << "; batch " << s_.batch_size << " x "
+                << s_.sequence_length << " tokens" << std::endl;
+    }
   }
 
   // The starting point of the validation curve.
   if (valid_data_ && state_.iteration == 0) report_evaluation(0);
+  if (stop_requested()) {
+    if (rank0()) std::cout << "signal: stopping before the first iteration; nothing to save\n";
+    return 0;
+  }
   interval_start_ = std::chrono::steady_clock::now();
   double loss_sum = 0;
+  std::int64_t losses = 0;
   for (std::int64_t it = state_.iteration; it < s_.train_iters; ++it) {
     const double lr = s_.schedule.at(it);
     step(it);
-    loss_sum += step_loss_;
     ++interval_iterations_;
     const std::int64_t done = it + 1;
+    if (step_skipped_) {
+      ++skipped_in_a_row_;
+      ++skipped_total_;
+      record({{"iteration", done},
+              {"skipped", true},
+              {"loss", step_loss_},
+              {"grad_norm", step_grad_norm_},
+              {"skipped_in_a_row", skipped_in_a_row_},
+              {"skipped_total", skipped_total_}});
+      if (rank0())
+        std::cout << "iteration " << done << " | loss " << step_loss_ << " | grad norm "
+                  << step_grad_norm_ << " | not finite: step skipped (" << skipped_in_a_row_
+                  << " in a row, " << skipped_total_ << " in all)" << std::endl;
+      if (s_.max_skipped_steps > 0 && skipped_in_a_row_ >= s_.max_skipped_steps) {
+        const std::vector<std::string> kept =
+            s_.save.empty() ? std::vector<std::string>{} : list_checkpoints(s_.save);
+        throw UserError(
+            "stopping at iteration " + std::to_string(done) + ": " +
+            std::to_string(skipped_in_a_row_) +
+            " steps in a row had a non-finite loss or gradient norm (--max_skipped_steps=" +
+            std::to_string(s_.max_skipped_steps) + "); the training diverged. Nothing was saved; " +
+            (kept.empty() ? std::string("no checkpoint was kept")
+                          : "the last checkpoint is " + kept.back()) +
+            ". Lower --lr or raise --lr_warmup_iters and resume from it");
+      }
+    } else {
+      skipped_in_a_row_ = 0;
+      loss_sum += step_loss_;
+      ++losses;
+    }
     if (done % s_.log_interval == 0 || done == s_.train_iters) {
       const double seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - interval_start_).count();
-      log(done, loss_sum / static_cast<double>(interval_iterations_), lr, step_grad_norm_, seconds);
+      const double loss = losses > 0 ? loss_sum / static_cast<double>(losses)
+                                     : std::numeric_limits<double>::quiet_NaN();
+      log(done, loss, lr, step_grad_norm_, seconds);
       loss_sum = 0;
+      losses = 0;
       interval_iterations_ = 0;
       interval_start_ = std::chrono::steady_clock::now();
     }
     if (valid_data_ && done % s_.eval_interval == 0) report_evaluation(done);
-    int stop = g_stop_signal.load();
-    MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, mpi_.world());
-    if (stop) {
+    if (stop_requested()) {
       if (rank0())
-        std::cout << "signal " << stop << ": saving and stopping at iteration " << done << "\n";
+        std::cout << "signal: saving and stopping at iteration "
+                  << done << "\n";
       save(done);
       return 0;
     }
@@ -365,6 +511,7 @@ TrainSettings train_settings(const Options& o, const ModelConfig& model) {
   s.batch_size = required_positive(o, "batch_size");
   s.micro_batch_size = required_positive(o, "micro_batch_size");
   s.sequence_length = required_positive(o, "sequence_length");
+  s.recompute = parse_recompute(o.get_string("recompute"));
   if (model.run.max_sequence_length > 0 && s.sequence_length > model.run.max_sequence_length)
     throw UserError("--sequence_length=" + std::to_string(s.sequence_length) +
                     " exceeds the model's --max_sequence_length=" +
@@ -392,11 +539,58 @@ TrainSettings train_settings(const Options& o, const ModelConfig& model) {
   s.eval_interval = o.get_int("eval_interval");
   s.eval_iters = o.get_int("eval_iters");
   s.peak_tflops = o.get_float("peak_tflops");
+  // Values outside these ranges make AdamW divide by zero, never forget, or climb the loss.
+  auto check_range = [&](const char* flag, bool ok, const char* allowed) {
+    if (!ok)
+      throw UserError("--" + std::string(flag) + "=" + o.get_string(flag) + ": expected " +
+                      allowed);
+  };
+  check_range("lr", s.schedule.lr >= 0, ">= 0");
+  check_range("min_lr", s.schedule.min_lr >= 0, ">= 0");
+  check_range("adam_beta1", s.adamw.beta1 >= 0 && s.adamw.beta1 < 1, "a value in [0, 1)");
+  check_range("adam_beta2", s.adamw.beta2 >= 0 && s.adamw.beta2 < 1, "a value in [0, 1)");
+  check_range("adam_eps", s.adamw.eps > 0, "> 0");
+  check_range("weight_decay", s.adamw.weight_decay >= 0, ">= 0");
+  check_range("clip_grad", s.clip_grad >= 0, ">= 0 (0 = no clipping)");
+  // The host backend holds fp32 weights, gradients and two AdamW moments, 16 bytes a parameter,
+  // split at best over tensor x pipeline ranks; a model beyond the machine's memory would
+  // otherwise be found by the kernel's OOM killer, minutes in.
+  if (o.get_string("backend") == "host") {
+    const std::int64_t parts =
+        std::max<std::int64_t>(1, o.get_int("tensor_parallel") * o.get_int("pipeline_parallel"));
+    const double need = 16.0 * static_cast<double>(count_parameters(model.arch).total) / parts;
+    std::ifstream meminfo("/proc/meminfo");
+    std::string key;
+    double kib = 0;
+    while (meminfo >> key >> kib && key != "MemTotal:")
+      meminfo.ignore(256, '\n');
+    const double gib = 1024.0 * 1024 * 1024;
+    if (key == "MemTotal:" && need > kib * 1024)
+      throw UserError("the model (--num_layers=" + std::to_string(model.arch.num_layers) +
+                      " --hidden_size=" + std::to_string(model.arch.hidden_size) +
+                      " --ffn_hidden_size=" + std::to_string(model.arch.ffn_hidden_size) +
+                      " --vocab_size=" + std::to_string(model.arch.vocab_size) + ") needs " +
+                      std::to_string(need / gib) + " GiB per rank on the host backend, but " +
+                      "this machine has " + std::to_string(kib * 1024 / gib) +
+                      " GiB; lower a size or split the model over more ranks");
+  }
+  if (s.eval_interval < 0)
+    throw UserError("--eval_interval=" + std::to_string(s.eval_interval) +
+                    ": expected >= 0 (0 = no evaluation)");
+  if (s.eval_interval > 0 && s.eval_iters < 1)
+    throw UserError("--eval_iters=" + std::to_string(s.eval_iters) +
+                    ": expected >= 1 while --eval_interval=" + std::to_string(s.eval_interval) +
+                    " evaluates (or set --eval_interval=0)");
 
   const std::vector<std::string> paths = o.get_list("data_path");
   if (paths.empty()) throw UserError("--data_path is required: one or more indexed datasets");
   s.data.sources = parse_data_path(paths);
   s.data.split = parse_split(o.get_string("split"));
+  if (s.eval_interval > 0 && s.data.split[1] == 0)
+    throw UserError("--split=" + o.get_string("split") +
+                    " gives the validation split no share, but --eval_interval=" +
+                    std::to_string(s.eval_interval) +
+                    " evaluates on it; give it a share or set --eval_interval=0");
   s.data.sequence_length = s.sequence_length;
   s.data.mode = parse_sampling_mode(o.get_string("data_sampling"));
   s.data.shuffle = o.get_bool("data_shuffle");
@@ -407,6 +601,10 @@ TrainSettings train_settings(const Options& o, const ModelConfig& model) {
   s.load = o.get_string("load");
   s.save_interval = o.get_int("save_interval");
   s.keep_checkpoints = o.get_int("keep_checkpoints");
+  s.max_skipped_steps = o.get_int("max_skipped_steps");
+  if (s.max_skipped_steps < 0)
+    throw UserError("--max_skipped_steps=" + std::to_string(s.max_skipped_steps) +
+                    ": expected >= 0 (0: never stop)");
   return s;
 }
 
@@ -417,6 +615,7 @@ int train(const Options& options, const ModelConfig& model, const TrainSettings&
   MpiSession mpi;
   // Every rank checks the same things before any work, so a bad layout fails everywhere at once.
   const Layout layout = resolve_layout(options, mpi.size(), model.arch);
+  layout.validate_sequence(settings.sequence_length, "--sequence_length");
   const std::int64_t per_step =
       static_cast<std::int64_t>(layout.data_parallel) * settings.micro_batch_size;
   if (settings.batch_size % per_step != 0)

@@ -7,8 +7,8 @@
 
 #include "config/architecture.h"
 #include "config/flags.h"
+#include "config/layout.h"
 #include "data/sampler.h"
-#include "parallel/layout.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
 
@@ -19,6 +19,7 @@ struct TrainSettings {
   std::int64_t batch_size = 0;
   std::int64_t micro_batch_size = 1;
   std::int64_t sequence_length = 0;
+  Recompute recompute = Recompute::Selective;
   LrSchedule schedule;
   AdamWSettings adamw;
   double clip_grad = 1.0;
@@ -32,6 +33,7 @@ struct TrainSettings {
   std::string save, load;
   std::int64_t save_interval = 0;
   std::int64_t keep_checkpoints = 3;
+  std::int64_t max_skipped_steps = 10;  // 0: never stop
 };
 
 // Reads the Train, Data and Checkpoint flag groups; UserError for missing or inconsistent values.

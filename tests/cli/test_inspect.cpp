@@ -63,6 +63,38 @@ TEST(Inspect, Mistral7BFromCheckpointConfig) {
   EXPECT_NE(text.out.find("window 4096"), std::string::npos) << text.out;
 }
 
+// Issue 9's plan: Mistral-7B on one rank with full recompute, micro-batch 1 x 4096 tokens, fits the
+// 139 GiB of an H200; without recompute its activations do not fit the card's 141 GB.
+TEST(Inspect, Mistral7BActivationPlan) {
+  const std::string base = kMistralFlags + " --micro_batch_size=1 --sequence_length=4096";
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  auto full = inspect_json(base + " --recompute=full --device_memory=149.25");
+  const auto& stage = full["stages"][0];
+  EXPECT_TRUE(stage["fits"].get<bool>()) << stage.dump();
+  EXPECT_LT(stage["total_bytes"].get<double>(), 139 * gib);
+  // Static state: 18 bytes a parameter; the layer inputs of 32 layers in bf16 (32 x 4096 x 4096 x
+  // 2 bytes = 1 GiB) and the last layer whole come on top.
+  EXPECT_NEAR(stage["weight_bytes"].get<double>() + stage["gradient_bytes"].get<double>() +
+                  stage["optimizer_bytes"].get<double>(),
+              18.0 * 7241732096.0, 1.0);
+  EXPECT_GT(stage["activation_bytes"].get<double>(), 1.0 * gib);
+  EXPECT_LT(stage["activation_bytes"].get<double>(), 2.0 * gib);
+  // The logits of 4096 tokens x 32000 in bf16, the final norm's output and the loss statistics.
+  EXPECT_NEAR(stage["logits_bytes"].get<double>(), 4096.0 * (32000 * 2 + 4096 * 2 + 5 * 4), 1.0);
+
+  auto none = inspect_json(base + " --recompute=none --device_memory=141");
+  EXPECT_FALSE(none["stages"][0]["fits"].get<bool>());
+  EXPECT_GT(none["stages"][0]["activation_bytes"].get<double>(),
+            10 * stage["activation_bytes"].get<double>());
+  auto selective = inspect_json(base + " --recompute=selective");
+  EXPECT_LT(selective["stages"][0]["activation_bytes"].get<double>(),
+            none["stages"][0]["activation_bytes"].get<double>());
+  // The text form says whether it fits.
+  const CommandResult text =
+      run_fastllm("inspect " + base + " --recompute=none --device_memory=141");
+  EXPECT_NE(text.out.find("DOES NOT FIT"), std::string::npos) << text.out;
+}
+
 TEST(Inspect, Mixtral8x7BFromCheckpointConfig) {
   auto folder = ConfigFolder::from_file(kFixtures + "/configs/Mixtral-8x7B-v0.1.config.json");
   auto j = inspect_json("--pretrained_checkpoint_path=" + folder.path());

@@ -14,6 +14,7 @@
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/host/host_backend.h"
+#include "support/numeric.h"
 
 namespace fastllm::test {
 
@@ -37,33 +38,12 @@ inline std::int64_t count(const std::vector<std::int64_t>& shape) {
   return n;
 }
 
-inline std::vector<float> random_values(std::size_t n, unsigned seed, float scale = 1.0f) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v)
-    x = dist(gen);
-  return v;
-}
-
-// ||got - want|| / ||want||, and infinity when got has a NaN where want has none.
-inline double relative_error(const std::vector<float>& got, const std::vector<float>& want) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < want.size(); ++i) {
-    if (std::isnan(got[i]) != std::isnan(want[i])) return INFINITY;
-    if (std::isnan(want[i])) continue;
-    const double d = static_cast<double>(got[i]) - want[i];
-    num += d * d;
-    den += static_cast<double>(want[i]) * want[i];
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
-}
-
 // A CUDA backend computing in `dtype` beside the host backend, with helpers that put the same
 // values on both.
 class CudaVsHost {
  public:
-  explicit CudaVsHost(DType dtype) : dtype_(dtype), cuda_(make_cuda_backend(dtype)) {}
+  explicit CudaVsHost(DType dtype, AttentionKernel attention = AttentionKernel::Cudnn)
+      : dtype_(dtype), cuda_(make_cuda_backend(dtype, -1, attention)) {}
 
   Backend& cuda() { return *cuda_; }
   HostBackend& host() { return host_; }

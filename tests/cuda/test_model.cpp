@@ -1,10 +1,12 @@
 // The whole decoder, forward and backward, on the CUDA backend against the host backend from the
 // same weights and tokens: the loss and every parameter gradient, dense (Mistral-style, sliding
 // window, GQA) and mixture of experts (Mixtral-style).
+#include <algorithm>
 #include <cmath>
 
 #include "cuda_test_util.h"
 #include "model/model.h"
+#include "parallel/pipeline.h"
 
 namespace fastllm::test {
 namespace {
@@ -52,12 +54,13 @@ StepResult run_step(Backend& backend, bool moe) {
   model.initialize(5);
   model.zero_grads();
   const MicroBatch mb = tokens(2, 23, 101, 6);
-  MicroBatchResult result;
-  auto state = model.forward(mb, result);
-  model.backward(std::move(state), 1.0 / static_cast<double>(result.predicted),
-                 run.moe_aux_loss_coeff);
+  const auto predicted = static_cast<double>(
+      std::count_if(mb.targets.begin(), mb.targets.end(), [](std::int32_t t) { return t >= 0; }));
+  Pipeline pipeline(model);
+  const PipelineTotals totals =
+      pipeline.forward_backward({mb}, 1.0 / predicted, run.moe_aux_loss_coeff);
   StepResult out;
-  out.loss = result.ce_sum / static_cast<double>(result.predicted) + 0.02 * result.aux_loss;
+  out.loss = totals.ce_sum / predicted + 0.02 * totals.aux_sum;
   for (const Parameter& p : model.parameters())
     out.grads.push_back(model.read_grad(p));
   return out;

@@ -53,11 +53,14 @@ inline void expect_contains(const std::string& text, std::initializer_list<std::
   }
 }
 
-// spm_encode's ids for every line of `path` (one vector per input line, blank lines included).
-inline std::vector<std::vector<std::int32_t>> spm_encode_lines(const std::filesystem::path& path) {
+// spm_encode's ids for every line of `path` (one vector per input line, blank lines included);
+// `extra` is spm_encode's --extra_options: "bos", "eos" or "bos:eos" add those ids.
+inline std::vector<std::vector<std::int32_t>> spm_encode_lines(const std::filesystem::path& path,
+                                                               const std::string& extra = "") {
   const CommandResult r =
       run_shell(std::string(FASTLLM_SPM_ENCODE) + " --model=" + FASTLLM_TEST_TOKENIZER +
-                " --output_format=id < " + path.string());
+                " --output_format=id" + (extra.empty() ? "" : " --extra_options=" + extra) + " < " +
+                path.string());
   EXPECT_EQ(r.exit_code, 0) << r.err;
   std::vector<std::vector<std::int32_t>> out;
   std::istringstream lines(r.out);
@@ -74,10 +77,11 @@ inline std::vector<std::vector<std::int32_t>> spm_encode_lines(const std::filesy
 }
 
 // spm_encode's ids for one single-line text.
-inline std::vector<std::int32_t> spm_encode_text(const std::string& text) {
+inline std::vector<std::int32_t> spm_encode_text(const std::string& text,
+                                                 const std::string& extra = "") {
   TempDir dir;
   write_bytes(dir / "line.txt", text + "\n");
-  auto rows = spm_encode_lines(dir / "line.txt");
+  auto rows = spm_encode_lines(dir / "line.txt", extra);
   EXPECT_EQ(rows.size(), 1u);
   return rows.empty() ? std::vector<std::int32_t>{} : rows[0];
 }

@@ -1,5 +1,6 @@
-// prepare_dataset on one rank: every document's ids against SentencePiece's own spm_encode (plus
-// the EOS), in the text, split-lines and JSONL modes, and one clear error per bad input.
+// prepare_dataset on one rank: every document's ids against SentencePiece's own spm_encode (with
+// its BOS and EOS options), in the text, split-lines and JSONL modes, and one clear error per bad
+// input.
 #include "data/prepare.h"
 
 #include <gtest/gtest.h>
@@ -11,25 +12,19 @@
 #include "data_test_util.h"
 #include "io/indexed_dataset.h"
 #include "io/tokenizer.h"
+#include "prepare_support.h"
 
 namespace fastllm {
 namespace {
 
+using test::options_for;
 using test::TempDir;
 using test::user_error;
 using test::write_bytes;
 using Ids = std::vector<std::int32_t>;
 
+constexpr std::int32_t kBos = 1;  // --bos_id given to spm_train
 constexpr std::int32_t kEos = 2;  // --eos_id given to spm_train
-
-PrepareOptions options_for(std::vector<std::string> inputs, const std::string& output) {
-  PrepareOptions o;
-  o.inputs = std::move(inputs);
-  o.output_prefix = output;
-  o.tokenizer = FASTLLM_TEST_TOKENIZER;
-  o.progress = false;
-  return o;
-}
 
 std::vector<Ids> documents(const std::string& prefix) {
   const IndexedDataset ds(prefix);
@@ -37,11 +32,6 @@ std::vector<Ids> documents(const std::string& prefix) {
   for (std::int64_t d = 0; d < ds.num_documents(); ++d)
     docs.push_back(ds.document(d));
   return docs;
-}
-
-Ids with_eos(Ids ids) {
-  ids.push_back(kEos);
-  return ids;
 }
 
 TEST(Prepare, SplitLinesMatchesSpmEncodePerLine) {
@@ -53,9 +43,9 @@ TEST(Prepare, SplitLinesMatchesSpmEncodePerLine) {
 
   std::vector<Ids> expected;
   std::int64_t tokens = 0;
-  for (const Ids& line : test::spm_encode_lines(FASTLLM_TEST_CORPUS)) {
-    expected.push_back(with_eos(line));
-    tokens += static_cast<std::int64_t>(line.size()) + 1;
+  for (const Ids& line : test::spm_encode_lines(FASTLLM_TEST_CORPUS, "bos:eos")) {
+    expected.push_back(line);
+    tokens += static_cast<std::int64_t>(line.size());
   }
   EXPECT_EQ(documents(out), expected);
   EXPECT_EQ(stats.documents, static_cast<std::int64_t>(expected.size()));
@@ -87,9 +77,9 @@ TEST(Prepare, SplitLinesSkipsBlankLinesAndStripsCarriageReturns) {
   crlf.split_lines = true;
   prepare_dataset(crlf, MPI_COMM_WORLD);
 
-  const std::vector<Ids> expected = {with_eos(test::spm_encode_text("first line here")),
-                                     with_eos(test::spm_encode_text("second line")),
-                                     with_eos(test::spm_encode_text("last without newline"))};
+  const std::vector<Ids> expected = {test::spm_encode_text("first line here", "bos:eos"),
+                                     test::spm_encode_text("second line", "bos:eos"),
+                                     test::spm_encode_text("last without newline", "bos:eos")};
   EXPECT_EQ(documents((dir / "lf").string()), expected);
   EXPECT_EQ(documents((dir / "crlf").string()), expected);
   EXPECT_EQ(stats.documents, 3);
@@ -106,9 +96,10 @@ TEST(Prepare, TextModeIsOneDocumentPerFileInInputOrder) {
       options_for(
           {(dir / "b.txt").string(), (dir / "empty.txt").string(), (dir / "a.txt").string()}, out),
       MPI_COMM_WORLD);
-  EXPECT_EQ(documents(out),
-            (std::vector<Ids>{with_eos(test::spm_encode_text("The baker opens at seven.")),
-                              with_eos(test::spm_encode_text("A heron stands in the shallows."))}));
+  EXPECT_EQ(
+      documents(out),
+      (std::vector<Ids>{test::spm_encode_text("The baker opens at seven.", "bos:eos"),
+                        test::spm_encode_text("A heron stands in the shallows.", "bos:eos")}));
   EXPECT_EQ(stats.skipped, 1);
 }
 
@@ -121,9 +112,10 @@ TEST(Prepare, FolderInputIsItsFilesSortedByPath) {
   write_bytes(dir / "in" / ".hidden", "Left out.");
   const auto out = (dir / "folder").string();
   prepare_dataset(options_for({(dir / "in").string()}, out), MPI_COMM_WORLD);
-  EXPECT_EQ(documents(out), (std::vector<Ids>{with_eos(test::spm_encode_text("First document.")),
-                                              with_eos(test::spm_encode_text("Second document.")),
-                                              with_eos(test::spm_encode_text("Third document."))}));
+  EXPECT_EQ(documents(out),
+            (std::vector<Ids>{test::spm_encode_text("First document.", "bos:eos"),
+                              test::spm_encode_text("Second document.", "bos:eos"),
+                              test::spm_encode_text("Third document.", "bos:eos")}));
 }
 
 TEST(Prepare, MultiLineTextDocumentDecodesBackToTheFile) {
@@ -134,10 +126,12 @@ TEST(Prepare, MultiLineTextDocumentDecodesBackToTheFile) {
   prepare_dataset(options_for({(dir / "letter.txt").string()}, out), MPI_COMM_WORLD);
   const auto docs = documents(out);
   ASSERT_EQ(docs.size(), 1u);
+  ASSERT_GE(docs[0].size(), 2u);
+  ASSERT_EQ(docs[0].front(), kBos);
   ASSERT_EQ(docs[0].back(), kEos);
   // spm_decode, SentencePiece's own decoder, turns the ids back into the whole file.
   std::string ids;
-  for (std::size_t i = 0; i + 1 < docs[0].size(); ++i)
+  for (std::size_t i = 1; i + 1 < docs[0].size(); ++i)
     ids += std::to_string(docs[0][i]) + " ";
   write_bytes(dir / "ids.txt", ids + "\n");
   const auto r =
@@ -160,9 +154,9 @@ TEST(Prepare, JsonlTakesTheTextKey) {
       prepare_dataset(options_for({(dir / "docs.jsonl").string()}, out), MPI_COMM_WORLD);
   EXPECT_EQ(
       documents(out),
-      (std::vector<Ids>{with_eos(test::spm_encode_text("The river runs past the old mill.")),
-                        with_eos(test::spm_encode_text("Caf\xc3\xa9 \"quoted\" text")),
-                        with_eos(test::spm_encode_text("Last one, no newline at the end."))}));
+      (std::vector<Ids>{test::spm_encode_text("The river runs past the old mill.", "bos:eos"),
+                        test::spm_encode_text("Caf\xc3\xa9 \"quoted\" text", "bos:eos"),
+                        test::spm_encode_text("Last one, no newline at the end.", "bos:eos")}));
   EXPECT_EQ(stats.documents, 3);
   EXPECT_EQ(stats.skipped, 1);
 }
@@ -175,17 +169,48 @@ TEST(Prepare, JsonlOtherKeyAndForcedFormat) {
   o.json_key = "body";
   prepare_dataset(o, MPI_COMM_WORLD);
   EXPECT_EQ(documents((dir / "body").string()),
-            (std::vector<Ids>{with_eos(test::spm_encode_text("Winter is quiet."))}));
+            (std::vector<Ids>{test::spm_encode_text("Winter is quiet.", "bos:eos")}));
 }
 
-TEST(Prepare, WithoutEos) {
+TEST(Prepare, BosAndEosAreEachOptional) {
   TempDir dir;
   write_bytes(dir / "a.txt", "No end marker.");
-  auto o = options_for({(dir / "a.txt").string()}, (dir / "noeos").string());
-  o.append_eos = false;
-  prepare_dataset(o, MPI_COMM_WORLD);
-  EXPECT_EQ(documents((dir / "noeos").string()),
-            (std::vector<Ids>{test::spm_encode_text("No end marker.")}));
+  const std::pair<bool, bool> cases[] = {{true, false}, {false, true}, {false, false}};
+  const char* const spm_options[] = {"bos", "eos", ""};
+  for (std::size_t c = 0; c < 3; ++c) {
+    auto o = options_for({(dir / "a.txt").string()}, (dir / ("out" + std::to_string(c))).string());
+    o.prepend_bos = cases[c].first;
+    o.append_eos = cases[c].second;
+    const PrepareStats stats = prepare_dataset(o, MPI_COMM_WORLD);
+    const Ids expected = test::spm_encode_text("No end marker.", spm_options[c]);
+    EXPECT_EQ(documents(o.output_prefix), (std::vector<Ids>{expected})) << spm_options[c];
+    EXPECT_EQ(stats.tokens, static_cast<std::int64_t>(expected.size())) << spm_options[c];
+  }
+}
+
+TEST(Prepare, DefaultsFrameEveryDocumentWithBosAndEos) {
+  const PrepareOptions defaults;
+  EXPECT_TRUE(defaults.prepend_bos);
+  EXPECT_TRUE(defaults.append_eos);
+  const Ids ids = test::spm_encode_text("The river runs.", "bos:eos");
+  ASSERT_GE(ids.size(), 3u);
+  EXPECT_EQ(ids.front(), kBos);
+  EXPECT_EQ(ids.back(), kEos);
+}
+
+TEST(Prepare, CommandLineFlagsSetBosAndEos) {
+  TempDir dir;
+  write_bytes(dir / "a.txt", "Flags from the command line.");
+  const std::string base = std::string(FASTLLM_BINARY) + " prepare --input " +
+                           (dir / "a.txt").string() + " --tokenizer " + FASTLLM_TEST_TOKENIZER;
+  auto r = test::run_shell(base + " --output " + (dir / "default").string());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(documents((dir / "default").string()),
+            (std::vector<Ids>{test::spm_encode_text("Flags from the command line.", "bos:eos")}));
+  r = test::run_shell(base + " --prepend_bos=0 --append_eos=0 --output " + (dir / "bare").string());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(documents((dir / "bare").string()),
+            (std::vector<Ids>{test::spm_encode_text("Flags from the command line.")}));
 }
 
 class PrepareError : public ::testing::Test {
@@ -242,6 +267,19 @@ TEST(PrepareInputs, MissingTokenizer) {
   o.tokenizer = (dir / "missing.model").string();
   test::expect_contains(user_error([&] { prepare_dataset(o, MPI_COMM_WORLD); }),
                         {(dir / "missing.model").string(), "not found"});
+}
+
+TEST(PrepareInputs, BosWithoutBosPieceIsAnError) {
+  TempDir dir;
+  write_bytes(dir / "a.txt", "text");
+  auto o = options_for({(dir / "a.txt").string()}, (dir / "out").string());
+  o.tokenizer = FASTLLM_TEST_TOKENIZER_NO_BOS;
+  test::expect_contains(user_error([&] { prepare_dataset(o, MPI_COMM_WORLD); }),
+                        {FASTLLM_TEST_TOKENIZER_NO_BOS, "no BOS", "--prepend_bos=0"});
+  EXPECT_FALSE(std::filesystem::exists(dir / "out.bin"));
+  o.prepend_bos = false;
+  prepare_dataset(o, MPI_COMM_WORLD);
+  EXPECT_EQ(documents((dir / "out").string()).size(), 1u);
 }
 
 TEST(PrepareInputs, NoInputs) {

@@ -8,10 +8,12 @@
 
 #include "data/prepare.h"
 #include "data_test_util.h"
+#include "prepare_support.h"
 
 namespace fastllm {
 namespace {
 
+using test::options_for;
 using test::read_bytes;
 using test::write_bytes;
 
@@ -44,15 +46,6 @@ class SharedDir {
   std::unique_ptr<test::TempDir> dir_;
   std::filesystem::path path_;
 };
-
-PrepareOptions options_for(std::vector<std::string> inputs, const std::string& output) {
-  PrepareOptions o;
-  o.inputs = std::move(inputs);
-  o.output_prefix = output;
-  o.tokenizer = FASTLLM_TEST_TOKENIZER;
-  o.progress = false;
-  return o;
-}
 
 // Rank 0 alone (on MPI_COMM_SELF) and then all ranks write the dataset; the bytes must agree.
 void expect_same_as_one_rank(const SharedDir& dir, const PrepareOptions& base) {

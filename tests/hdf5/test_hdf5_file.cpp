@@ -492,9 +492,6 @@ TEST(H5File, DTypeNamesAndSizes) {
   EXPECT_EQ(h5_dtype_size(H5DType::I32), sizeof(std::int32_t));
   EXPECT_EQ(h5_dtype_size(H5DType::BF16), 2u);
   EXPECT_STREQ(h5_dtype_name(H5DType::BF16), "bfloat16");
-  EXPECT_EQ(h5_dtype(DType::F32), H5DType::F32);
-  EXPECT_EQ(h5_dtype(DType::BF16), H5DType::BF16);
-  EXPECT_EQ(h5_dtype(DType::I32), H5DType::I32);
 }
 
 }  // namespace

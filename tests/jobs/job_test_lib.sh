@@ -1,11 +1,12 @@
 # shellcheck shell=bash
 # Shared by the tests that run the job templates for real (test_slurm_job.sh, test_pbs_job.sh):
-# a scratch folder, a tiny synthetic dataset and model config, and the checks. Expects $root,
-# $python and $fastllm to be set by the sourcing test.
+# a scratch folder, a tiny synthetic dataset and model config, the waits, and the checks of
+# tests/support/checks.sh. Expects $root, $python and $fastllm to be set by the sourcing test.
 # Variables set here are read by the tests that source this file, and the other way round.
 # shellcheck disable=SC2034,SC2154
 
-failures=0
+# shellcheck source=tests/support/checks.sh
+source "$root/tests/support/checks.sh"
 work=$(mktemp -d)
 # Jobs run under setsid, each its own process group: whatever a failed check leaves running (ranks,
 # a timer) goes with its group.
@@ -47,37 +48,6 @@ log_interval: 1
 train_iters: 100000
 data_path: $work/data
 EOF
-
-expect() {
-  local name=$1 expected=$2 actual=$3
-  if [[ $expected == "$actual" ]]; then
-    echo "ok   $name"
-  else
-    echo "FAIL $name: expected '$expected', got '$actual'"
-    failures=$((failures + 1))
-  fi
-}
-
-expect_true() {
-  local name=$1 condition=$2
-  if eval "$condition"; then
-    echo "ok   $name"
-  else
-    echo "FAIL $name: $condition is false"
-    failures=$((failures + 1))
-  fi
-}
-
-contains() {
-  local name=$1 needle=$2 haystack=$3
-  if [[ $haystack == *"$needle"* ]]; then
-    echo "ok   $name"
-  else
-    echo "FAIL $name: '$needle' not in:"
-    echo "$haystack"
-    failures=$((failures + 1))
-  fi
-}
 
 # The iteration of the newest checkpoint-NNNNNNNN.h5 in DIR, or -1 (parsed here, independently of
 # jobs/common.sh).

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """benchmarks/scaling/comm_model.py against numbers worked out by hand in this file for a tiny
-architecture, rank placements reasoned from DESIGN.md's rank order, and the per-rank parameter
+architecture, rank placements reasoned from docs/DESIGN.md's rank order, and the per-rank parameter
 counts of `fastllm inspect` (the C++ implementation) for Mistral-7B and Mixtral-8x7B layouts.
 
   test_comm_model.py FASTLLM_BINARY [unittest options]

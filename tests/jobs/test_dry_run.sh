@@ -8,26 +8,8 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 
-failures=0
-contains() {
-  local name=$1 needle=$2 haystack=$3
-  if [[ $haystack == *"$needle"* ]]; then
-    echo "ok   $name"
-  else
-    echo "FAIL $name: '$needle' not in:"
-    echo "$haystack"
-    failures=$((failures + 1))
-  fi
-}
-expect() {
-  local name=$1 expected=$2 actual=$3
-  if [[ $expected == "$actual" ]]; then
-    echo "ok   $name"
-  else
-    echo "FAIL $name: expected '$expected', got '$actual'"
-    failures=$((failures + 1))
-  fi
-}
+# shellcheck source=tests/support/checks.sh
+source "$root/tests/support/checks.sh"
 # The words of the "launch:" line, read back as the shell would.
 launch_words() {
   local line
@@ -67,6 +49,52 @@ contains "slurm requeue command and condition" \
 contains "slurm OpenMP threads" "OMP_NUM_THREADS=12" "$out"
 contains "slurm NCCL defaults" "NCCL_DEBUG=WARN" "$out"
 contains "slurm nothing to resume yet" "newest checkpoint: iteration -1" "$out"
+contains "slurm preemption requeues" \
+  "preemption: a TERM while squeue shows the job RUNNING saves and requeues (scontrol requeue 4242)" \
+  "$out"
+contains "slurm no site set-up by default" "site setup: none" "$out"
+contains "slurm srun leaves the binding to numactl" " --cpu-bind=none " " ${LAUNCH[*]} "
+contains "slurm NUMA binding next to the GPU" \
+  "binding: GPU of the node-local rank; CPUs and memory: numactl --cpunodebind/--preferred" "$out"
+
+# The site set-up: sourced before the rest (its NCCL_DEBUG wins over the default, a variable it
+# reads unset is no error), named in the output; CPU_BIND=none leaves srun's binding alone.
+# shellcheck disable=SC2016  # expanded when the template sources the file
+printf 'export NCCL_DEBUG=INFO NCCL_SOCKET_IFNAME=ib7\nSITE_UNSET_READ=${NOT_SET_ANYWHERE:-}${NOR_THIS}\n' \
+  >"$work/site.sh"
+out=$("${base_env[@]}" SLURM_JOB_ID=5 SLURM_NNODES=1 SLURM_GPUS_ON_NODE=4 \
+  SLURM_SUBMIT_DIR="$work" CONFIG="$work/run.yaml" SAVE_DIR="$save" CPU_BIND=none \
+  FASTLLM_SITE_SETUP="$work/site.sh" REQUEUE_ON_PREEMPT=0 bash "$root/jobs/train.slurm" 2>&1)
+expect "slurm dry run with a site set-up exits 0" 0 "$?"
+contains "slurm site set-up sourced" "site setup: $work/site.sh" "$out"
+contains "slurm site set-up wins over the defaults" "NCCL_DEBUG=INFO" "$out"
+contains "slurm no preemption requeue when off" "TERM stops without a requeue" "$out"
+contains "slurm CPU_BIND=none" "CPUs: srun's default (CPU_BIND=none)" "$out"
+launch_words "$out"
+expect "slurm CPU_BIND=none: no --cpu-bind" "" "$(grep -o -- "--cpu-bind[^ ]*" <<<"${LAUNCH[*]}")"
+# jobs/site.sh of the checkout is the default.
+mkdir -p "$work/home/jobs"
+cp "$root/jobs/common.sh" "$root/jobs/fastllm_rank.sh" "$work/home/jobs/"
+printf 'export NCCL_DEBUG=TRACE\n' >"$work/home/jobs/site.sh"
+out=$("${base_env[@]}" SLURM_JOB_ID=5 SLURM_NNODES=1 SLURM_SUBMIT_DIR="$work" \
+  FASTLLM_HOME="$work/home" CONFIG="$work/run.yaml" SAVE_DIR="$save" \
+  bash "$root/jobs/train.slurm" 2>&1)
+contains "slurm jobs/site.sh by default" "site setup: $work/home/jobs/site.sh" "$out"
+contains "slurm jobs/site.sh sourced" "NCCL_DEBUG=TRACE" "$out"
+out=$("${base_env[@]}" SLURM_JOB_ID=5 SLURM_NNODES=1 SLURM_SUBMIT_DIR="$work" \
+  CONFIG="$work/run.yaml" FASTLLM_SITE_SETUP="$work/absent.sh" bash "$root/jobs/train.slurm" 2>&1)
+expect "slurm missing site set-up" 2 "$?"
+contains "slurm names the missing site set-up" "FASTLLM_SITE_SETUP=$work/absent.sh: file not found" \
+  "$out"
+printf 'return 3\n' >"$work/failing.sh"
+out=$("${base_env[@]}" SLURM_JOB_ID=5 SLURM_NNODES=1 SLURM_SUBMIT_DIR="$work" \
+  CONFIG="$work/run.yaml" FASTLLM_SITE_SETUP="$work/failing.sh" bash "$root/jobs/train.slurm" 2>&1)
+expect "slurm failing site set-up" 2 "$?"
+contains "slurm names the failing site set-up" "failing.sh failed with status 3" "$out"
+out=$("${base_env[@]}" SLURM_JOB_ID=5 SLURM_NNODES=1 SLURM_SUBMIT_DIR="$work" \
+  CONFIG="$work/run.yaml" CPU_BIND=sockets bash "$root/jobs/train.slurm" 2>&1)
+expect "slurm rejects an unknown CPU_BIND" 2 "$?"
+contains "slurm names the CPU_BIND" "CPU_BIND=sockets: expected numa or none" "$out"
 
 # ranks per node from --ntasks-per-node ("4(x3)" form), train_iters from the flags over the YAML
 out=$("${base_env[@]}" SLURM_JOB_ID=7 SLURM_NNODES=3 SLURM_NTASKS_PER_NODE="4(x3)" \
@@ -110,8 +138,8 @@ done >"$work/nodefile"
 save=$work/runs/pbs
 out=$("${base_env[@]}" PBS_JOBID=99.server PBS_JOBNAME=demo PBS_NODEFILE="$work/nodefile" \
   PBS_O_WORKDIR="$work" NCPUS=32 GPUS_PER_NODE=4 SAVE_MARGIN=900 FAKE_WALLTIME=02:00:00 \
-  CONFIG="$work/run.yaml" SAVE_DIR="$save" FASTLLM_ARGS="--pipeline_parallel=3" \
-  bash "$root/jobs/train.pbs" 2>&1)
+  CONFIG="$work/run.yaml" SAVE_DIR="$save" FASTLLM_ARGS="--pipeline_parallel=3" RESUBMIT=1 \
+  FASTLLM_SITE_SETUP="$work/site.sh" bash "$root/jobs/train.pbs" 2>&1)
 expect "pbs dry run exits 0" 0 "$?"
 launch_words "$out"
 expect "pbs launcher" mpirun "${LAUNCH[0]}"
@@ -136,12 +164,20 @@ contains "pbs signal forwarded through mpirun" "kill -USR1 <mpirun>" "$out"
 contains "pbs resubmission" "qsub -W depend=afterany:99.server $root/jobs/train.pbs" "$out"
 contains "pbs resubmission condition" "when stopped by USR1 before iteration 5000" "$out"
 contains "pbs OpenMP threads: NCPUS / GPUs" "OMP_NUM_THREADS=8" "$out"
+contains "pbs site set-up sourced" "site setup: $work/site.sh" "$out"
+contains "pbs site NCCL settings forwarded to the other nodes" " -x NCCL_SOCKET_IFNAME " \
+  " ${LAUNCH[*]} "
+contains "pbs binding choice forwarded" " -x FASTLLM_CPU_BIND " " ${LAUNCH[*]} "
+contains "pbs mpirun leaves the binding to numactl" " --bind-to none " " ${LAUNCH[*]} "
+contains "pbs NUMA binding next to the GPU" \
+  "binding: GPU of the node-local rank; CPUs and memory: numactl --cpunodebind/--preferred" "$out"
 
 out=$("${base_env[@]}" PBS_JOBID=99.server PBS_NODEFILE="$work/nodefile" PBS_O_WORKDIR="$work" \
-  GPUS_PER_NODE=4 WALLTIME=00:05:00 RESUBMIT=0 CONFIG="$work/run.yaml" SAVE_DIR="$save" \
+  GPUS_PER_NODE=4 WALLTIME=00:05:00 CONFIG="$work/run.yaml" SAVE_DIR="$save" \
   MPIRUN_ARGS="--oversubscribe --mca btl self,tcp" bash "$root/jobs/train.pbs" 2>&1)
 contains "pbs no timer when the walltime is shorter than the margin" "signals: no timer" "$out"
-contains "pbs resubmission off" "resubmit: off" "$out"
+contains "pbs resubmission off by default" "resubmit: off (RESUBMIT=0); the next job of a chain" \
+  "$out"
 launch_words "$out"
 contains "pbs extra mpirun options before the command" \
   "--oversubscribe --mca btl self,tcp $root/jobs/fastllm_rank.sh" "${LAUNCH[*]}"
@@ -164,6 +200,20 @@ pbs_header=$(grep '^#PBS' "$root/jobs/train.pbs")
 contains "pbs header: walltime" "#PBS -l walltime=" "$pbs_header"
 
 expect "dry runs launch nothing" "" "$(ls "$FAKE_LOG_DIR")"
+
+# A chain of PBS jobs submitted from the login node, each after the one before succeeded.
+chain_log=$work/chain-log
+mkdir -p "$chain_log"
+ids=$(env "PATH=$root/tests/jobs/fake_bin:$PATH" FAKE_LOG_DIR="$chain_log" \
+  bash "$root/jobs/pbs_chain.sh" 3 -v CONFIG=run.yaml 2>&1)
+expect "pbs chain exits 0" 0 "$?"
+expect "pbs chain prints the job ids" "1001.fake-server 1001.fake-server 1001.fake-server" \
+  "$(tr '\n' ' ' <<<"$ids" | sed 's/ $//')"
+expect "pbs chain: first job without, then each after the one before" \
+  "-v CONFIG=run.yaml $root/jobs/train.pbs|-v CONFIG=run.yaml -W depend=afterok:1001.fake-server $root/jobs/train.pbs|-v CONFIG=run.yaml -W depend=afterok:1001.fake-server $root/jobs/train.pbs" \
+  "$(paste -s -d '|' "$chain_log/qsub.log")"
+bash "$root/jobs/pbs_chain.sh" 0 >/dev/null 2>&1
+expect "pbs chain needs a count" 2 "$?"
 
 if ((failures > 0)); then
   echo "$failures check(s) failed"

@@ -8,16 +8,8 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=jobs/common.sh
 source "$root/jobs/common.sh"
 
-failures=0
-expect() {
-  local name=$1 expected=$2 actual=$3
-  if [[ $expected != "$actual" ]]; then
-    echo "FAIL $name: expected '$expected', got '$actual'"
-    failures=$((failures + 1))
-  else
-    echo "ok   $name"
-  fi
-}
+# shellcheck source=tests/support/checks.sh
+source "$root/tests/support/checks.sh"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -55,7 +47,13 @@ expect "USR1 with no checkpoint at all requeues" requeue \
   "$(fastllm_next_action "$work/empty" 1000 0 USR1 0 5)"
 expect "USR1 after MAX_RESTARTS requeues gives up" give_up \
   "$(fastllm_next_action "$work/partial" 1000 0 USR1 5 5)"
-expect "TERM (cancel, preemption) stops" stopped \
+expect "PREEMPT (a TERM found to be a preemption) requeues" requeue \
+  "$(fastllm_next_action "$work/partial" 1000 0 PREEMPT 0 5)"
+expect "PREEMPT after MAX_RESTARTS requeues gives up" give_up \
+  "$(fastllm_next_action "$work/partial" 1000 0 PREEMPT 5 5)"
+expect "PREEMPT of a finished run is done" "done" \
+  "$(fastllm_next_action "$work/final" 1000 0 PREEMPT 0 5)"
+expect "TERM (cancel) stops" stopped \
   "$(fastllm_next_action "$work/partial" 1000 0 TERM 0 5)"
 expect "TERM with a failed exit stops" stopped \
   "$(fastllm_next_action "$work/partial" 1000 143 TERM 0 5)"
@@ -99,6 +97,44 @@ expect "FASTLLM_ARGS --config is rejected" 2 \
   "$( (fastllm_check_args --config=a.yaml) 2>/dev/null; echo $?)"
 expect "other flags pass" 0 "$( (fastllm_check_args --lr=1 --saved=2) 2>/dev/null; echo $?)"
 
+# Site set-up: sourced into this shell with unset variables allowed; missing or failing: exit 2.
+# shellcheck disable=SC2016  # the site file reads an unset variable when sourced
+printf 'export SITE_MARK=sourced\nSITE_OTHER=${SITE_NEVER_SET}x\n' >"$work/site.sh"
+(
+  set -u
+  fastllm_site_setup "$work/site.sh"
+  echo "$FASTLLM_SITE_SETUP_USED|$SITE_MARK|$SITE_OTHER|$(printenv SITE_MARK)"
+  [[ $- == *u* ]] && echo "set -u restored"
+) >"$work/site.out" 2>&1
+expect "site set-up sourced, exports kept" "$work/site.sh|sourced|x|sourced" \
+  "$(head -n 1 "$work/site.out")"
+expect "set -u is back after the site set-up" "set -u restored" "$(sed -n 2p "$work/site.out")"
+expect "no site set-up" none "$(fastllm_site_setup ""; echo "$FASTLLM_SITE_SETUP_USED")"
+expect "a missing site set-up is an error" 2 \
+  "$( (fastllm_site_setup "$work/absent.sh") 2>/dev/null; echo $?)"
+printf 'true\nfalse\n' >"$work/failing.sh"
+message=$( (fastllm_site_setup "$work/failing.sh") 2>&1)
+expect "a failing site set-up is an error" 2 "$( (fastllm_site_setup "$work/failing.sh") \
+  2>/dev/null; echo $?)"
+expect "the failure names the file" 1 "$(grep -c "failing.sh failed with status 1" <<<"$message")"
+
+# Variables mpirun forwards: the job's own, PATH, and the exported NCCL_*/UCX_* of a site set-up,
+# each once; unexported and unrelated ones stay.
+forward=$(
+  # shellcheck disable=SC2046  # one name per word
+  unset LD_LIBRARY_PATH VIRTUAL_ENV $(compgen -e | grep -E '^(NCCL|UCX|FI|CUDA)_')
+  export NCCL_SOCKET_IFNAME=ib0 UCX_TLS=rc NCCL_DEBUG=INFO OTHER_SETTING=1
+  # shellcheck disable=SC2034  # set but not exported: must not be forwarded
+  NCCL_NOT_EXPORTED=1
+  fastllm_export_env 4 numa
+  fastllm_forward_names | tr '\n' ' '
+)
+expect "forwarded names" \
+  "OMP_NUM_THREADS NCCL_DEBUG NCCL_IB_TIMEOUT FASTLLM_CPU_BIND PATH NCCL_SOCKET_IFNAME UCX_TLS " \
+  "$forward"
+expect "CPU_BIND other than numa or none is an error" 2 \
+  "$( (fastllm_export_env 4 cores) 2>/dev/null; echo $?)"
+
 fastllm_split_args "  --a=1   --b  2 "
 expect "FASTLLM_ARGS split on whitespace" "3:--a=1|--b|2" \
   "${#FASTLLM_ARGV[@]}:$(IFS='|'; echo "${FASTLLM_ARGV[*]}")"
@@ -138,6 +174,54 @@ expect "a single visible GPU is kept" 5 "$(rank_gpu SLURM_LOCALID=3 CUDA_VISIBLE
 expect "no local rank means GPU 0" 0 "$(rank_gpu)"
 rank_gpu SLURM_LOCALID=x >/dev/null 2>&1
 expect "a bad local rank is an error" 2 "$?"
+# NUMA binding: fake nvidia-smi puts GPU N at 00000000:1N:00.0; the sysfs tree below says which
+# node each address is on; fake numactl logs its options and runs the command.
+sysfs=$work/sys
+for gpu in 0 1 2 3; do
+  mkdir -p "$sysfs/bus/pci/devices/0000:1$gpu:00.0"
+  echo $((gpu / 2)) >"$sysfs/bus/pci/devices/0000:1$gpu:00.0/numa_node"
+done
+echo -1 >"$sysfs/bus/pci/devices/0000:13:00.0/numa_node"
+bind_log=$work/bind
+mkdir -p "$bind_log"
+bound_rank() {
+  rm -f "$bind_log/numactl.log"
+  env -u OMPI_COMM_WORLD_LOCAL_RANK -u MPI_LOCALRANKID -u SLURM_LOCALID -u CUDA_VISIBLE_DEVICES \
+    "PATH=$root/tests/jobs/fake_bin:$PATH" "FASTLLM_SYSFS=$sysfs" "FAKE_LOG_DIR=$bind_log" "$@" \
+    "$root/jobs/fastllm_rank.sh" printenv CUDA_VISIBLE_DEVICES
+}
+expect "numa: the rank still gets its GPU" 2 \
+  "$(bound_rank FASTLLM_CPU_BIND=numa OMPI_COMM_WORLD_LOCAL_RANK=2 2>/dev/null)"
+expect "numa: bound to the GPU's node" "--cpunodebind=1 --preferred=1 printenv" \
+  "$(tail -n 1 "$bind_log/numactl.log")"
+bound_rank FASTLLM_CPU_BIND=numa OMPI_COMM_WORLD_LOCAL_RANK=1 >/dev/null 2>&1
+expect "numa: GPU 1 on node 0" "--cpunodebind=0 --preferred=0 printenv" \
+  "$(tail -n 1 "$bind_log/numactl.log")"
+bound_rank FASTLLM_CPU_BIND=numa OMPI_COMM_WORLD_LOCAL_RANK=1 CUDA_VISIBLE_DEVICES=0,2 \
+  >/dev/null 2>&1
+expect "numa: the node of the GPU picked from the visible list" \
+  "--cpunodebind=1 --preferred=1 printenv" "$(tail -n 1 "$bind_log/numactl.log")"
+expect "numa: PCI order for CUDA as for nvidia-smi" PCI_BUS_ID \
+  "$(env -u CUDA_DEVICE_ORDER "$root/jobs/fastllm_rank.sh" printenv CUDA_DEVICE_ORDER)"
+message=$(bound_rank FASTLLM_CPU_BIND=numa SLURM_LOCALID=3 2>&1 >/dev/null)
+expect "numa: a GPU without a node runs unbound" "" "$(cat "$bind_log/numactl.log" 2>/dev/null)"
+expect "numa: local rank 3 says nothing" "" "$message"
+message=$(bound_rank FASTLLM_CPU_BIND=numa CUDA_VISIBLE_DEVICES=3 2>&1 >/dev/null)
+expect "numa: local rank 0 says why it is unbound" 1 "$(grep -c "no NUMA node found for GPU 3" \
+  <<<"$message")"
+bound_rank FASTLLM_CPU_BIND=none OMPI_COMM_WORLD_LOCAL_RANK=2 >/dev/null 2>&1
+expect "none: no numactl" "" "$(cat "$bind_log/numactl.log" 2>/dev/null)"
+# Without numactl on the PATH (a folder holding only what the wrapper needs besides it).
+mkdir -p "$work/bin"
+for tool in bash head cat printenv nvidia-smi; do
+  ln -sf "$(PATH=$root/tests/jobs/fake_bin:$PATH command -v "$tool")" "$work/bin/$tool"
+done
+message=$(env -i "PATH=$work/bin" "FASTLLM_SYSFS=$sysfs" FASTLLM_CPU_BIND=numa \
+  "$root/jobs/fastllm_rank.sh" printenv CUDA_VISIBLE_DEVICES 2>&1)
+expect "numa without numactl: runs unbound and says so" \
+  "fastllm_rank.sh: ranks run without CPU/NUMA binding: numactl not found|0" \
+  "$(tr '\n' '|' <<<"$message" | sed 's/|$//')"
+
 # shellcheck disable=SC2016  # the inner bash expands $1 and $2
 expect "the wrapper passes arguments and exit status" "a b|3" \
   "$("$root/jobs/fastllm_rank.sh" bash -c 'printf "%s %s" "$1" "$2"; exit 3' - a b; echo "|$?")"

@@ -2,7 +2,8 @@
 # jobs/train.pbs for real, on this machine: Open MPI's mpirun starts two real fastllm ranks on the
 # "node" of a PBS_NODEFILE that lists localhost twice; fake qsub/qstat (tests/jobs/fake_bin) log
 # what the template asks of PBS. The job's own timer sends USR1 SAVE_MARGIN seconds before the
-# walltime: every rank saves and the job submits itself again; the resubmitted job, given nothing
+# walltime: every rank saves and the job submits itself again (RESUBMIT=1, opt-in); the resubmitted
+# job, given nothing
 # but the file the first one wrote, resumes from that checkpoint; TERM stops it without
 # resubmitting.
 #   tests/jobs/test_pbs_job.sh FASTLLM_BINARY MPIRUN [PYTHON]
@@ -22,7 +23,7 @@ save=$work/run
 # 1. Walltime 10 min 10 s, SAVE_MARGIN 600 s: the timer fires about 10 s after the start, time for
 # fastllm to start (it installs its signal handler once the model is loaded) on a busy machine.
 setsid "${pbs_env[@]}" CONFIG="$config" SAVE_DIR="$save" FASTLLM_BIN="$fastllm" GPUS_PER_NODE=2 \
-  THREADS_PER_RANK=1 FAKE_WALLTIME=00:10:10 SAVE_MARGIN=600 MPIRUN="$mpirun" \
+  RESUBMIT=1 THREADS_PER_RANK=1 FAKE_WALLTIME=00:10:10 SAVE_MARGIN=600 MPIRUN="$mpirun" \
   MPIRUN_ARGS="--oversubscribe --allow-run-as-root" \
   bash "$root/jobs/train.pbs" >"$work/job1.log" 2>&1 &
 job=$!

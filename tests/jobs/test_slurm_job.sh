@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# jobs/train.slurm for real, on this machine: fake srun/scancel/scontrol (tests/jobs/fake_bin) start
-# two real fastllm ranks with mpiexec and log what the template asks of SLURM. Follows one run
+# jobs/train.slurm for real, on this machine: fake srun/scancel/scontrol/squeue (tests/jobs/fake_bin)
+# start two real fastllm ranks with mpiexec and log what the template asks of SLURM. Follows one run
 # through its life: USR1 to the batch script (what --signal=B:USR1@... does) makes every rank save
-# and the job requeue itself; the requeued job resumes from that checkpoint; TERM stops it without a
-# requeue; a finished run launches nothing; a run reaching --train_iters is done; a failing run is
-# not requeued. And the example configs of jobs/ use only flags `fastllm train` knows.
+# and the job requeue itself; the requeued job resumes from that checkpoint; TERM after a cancel
+# stops it without a requeue; a finished run launches nothing; a run reaching --train_iters is done;
+# a failing run is not requeued; a TERM while the job still runs (a preemption) saves and requeues.
+# And the example configs of jobs/ use only flags `fastllm train` knows.
 #   tests/jobs/test_slurm_job.sh FASTLLM_BINARY MPIEXEC [PYTHON]
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -48,7 +49,8 @@ contains "1: fastllm saved on the signal" "saving and stopping at iteration $fir
   "$(cat "$work/job1.log")"
 contains "1: the job reports the decision" "; requeue" "$(cat "$work/job1.log")"
 
-# 2. The requeued job resumes; TERM (a cancel) stops it without a requeue.
+# 2. The requeued job resumes; TERM after a cancel (the fake squeue says COMPLETING) stops it without
+# a requeue.
 setsid "${job_env[@]}" SAVE_DIR="$save" SLURM_RESTART_COUNT=1 bash "$root/jobs/train.slurm" \
   >"$work/job2.log" 2>&1 &
 job=$!
@@ -63,7 +65,8 @@ contains "2: resumed from the first checkpoint" \
   "$(cat "$work/job2.log")"
 expect_true "2: a later checkpoint (iteration $second)" "((second > first + 2))"
 contains "2: restart count shown" "restart 1 of at most 50" "$(cat "$work/job2.log")"
-contains "2: TERM stops" "after SIGTERM; newest checkpoint: iteration $second; stopped" \
+contains "2: TERM after a cancel stops" \
+  "after SIGTERM (job state COMPLETING); newest checkpoint: iteration $second; stopped" \
   "$(cat "$work/job2.log")"
 expect "2: not requeued again" 1 "$(wc -l <"$FAKE_LOG_DIR/scontrol.log")"
 
@@ -90,5 +93,22 @@ expect_true "5: job fails (exit $rc)" "((rc != 0))"
 contains "5: fastllm's message" "--batch_size=3 is not a multiple" "$(cat "$work/job5.log")"
 contains "5: failed" "; failed" "$(cat "$work/job5.log")"
 expect "5: not requeued" 1 "$(wc -l <"$FAKE_LOG_DIR/scontrol.log")"
+
+# 6. A TERM while SLURM still shows the job RUNNING is a preemption's notice: checkpoint, requeue.
+setsid "${job_env[@]}" SAVE_DIR="$save" SLURM_RESTART_COUNT=2 FAKE_JOB_STATE=RUNNING \
+  bash "$root/jobs/train.slurm" >"$work/job6.log" 2>&1 &
+job=$!
+started_jobs+=("$job")
+wait_for_iterations "$save" $((second + 2)) "$job" "$work/job6.log"
+kill -TERM "$job"
+wait_for_exit "$job" "$work/job6.log"
+expect "6: job exits 0" 0 "$?"
+third=$(checkpoint_iteration "$save")
+expect_true "6: a checkpoint on the preemption (iteration $third)" "((third > second + 1))"
+contains "6: the job state was asked for" "-j 4242 -o %T" "$(cat "$FAKE_LOG_DIR/squeue.log")"
+contains "6: preempted, requeued" \
+  "after SIGTERM (job state RUNNING); newest checkpoint: iteration $third; requeue" \
+  "$(cat "$work/job6.log")"
+expect "6: requeued" 2 "$(wc -l <"$FAKE_LOG_DIR/scontrol.log")"
 
 finish

@@ -13,6 +13,7 @@
 #include "kernels/backend.h"
 #include "kernels/backend_factory.h"
 #include "kernels/host/host_backend.h"
+#include "support/numeric.h"
 
 namespace fastllm::test {
 
@@ -73,25 +74,6 @@ class BackendTest : public ::testing::TestWithParam<std::string> {
   std::shared_ptr<Backend> backend_;
   std::vector<Buffer> buffers_;
 };
-
-inline std::vector<float> random_vector(std::size_t n, unsigned seed, float scale = 1.0f) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v)
-    x = dist(gen);
-  return v;
-}
-
-// ||a - b|| / ||b||
-inline double relative_error(const std::vector<float>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < b.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
-}
 
 inline std::vector<double> to_double(const std::vector<float>& v) {
   return std::vector<double>(v.begin(), v.end());

@@ -26,13 +26,6 @@ std::vector<double> reference(const std::vector<double>& x, const std::vector<do
   return y;
 }
 
-double dot(const std::vector<double>& a, const std::vector<double>& b) {
-  double s = 0;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    s += a[i] * b[i];
-  return s;
-}
-
 void RmsNormTest::check(int rows, int dim) {
   const auto x = random_vector(static_cast<std::size_t>(rows) * dim, 1, 2.0f);
   auto w = random_vector(dim, 2);

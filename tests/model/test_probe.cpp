@@ -6,22 +6,13 @@
 #include <cstring>
 
 #include "io/safetensors.h"
+#include "support/numeric.h"
 #include "support/process.h"
 
 namespace fastllm::test {
 namespace {
 
 const std::string kFixtures = FASTLLM_FIXTURES;
-
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
-    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
-}
 
 struct Bounds {
   double logits, loss, grads;

@@ -1,12 +1,13 @@
 #pragma once
-// What the layout tests share: `fastllm` started under mpiexec, probe outputs read back, and the
-// relative errors every layout is held to against the single-rank result.
+// What the layout tests share: a fixture's model flags, `fastllm` started under mpiexec and probe
+// outputs read back; support/numeric.h has the relative error every layout is held to.
 #include <cmath>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "io/safetensors.h"
+#include "support/numeric.h"
 #include "support/process.h"
 
 namespace fastllm::test {
@@ -26,23 +27,18 @@ struct Shape {
   }
 };
 
+// The flags that load a fixture's Hugging Face checkpoint.
+inline std::string fixture_model(const std::string& fixture) {
+  return "--pretrained_checkpoint_type=huggingface --pretrained_checkpoint_path=" + kFixtureDir +
+         "/" + fixture;
+}
+
 // `fastllm <args>` on `ranks` MPI processes of one OpenMP thread each (the machine may have fewer
 // cores than ranks).
 inline CommandResult run_mpi(int ranks, const std::string& args) {
   return run_shell("OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 " +
                    std::string(FASTLLM_MPIEXEC) + " --oversubscribe --allow-run-as-root -np " +
                    std::to_string(ranks) + " " + FASTLLM_BINARY + " " + args);
-}
-
-// ||a - b|| / ||b|| in double.
-inline double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  if (a.size() != b.size()) return INFINITY;
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
 }
 
 // Every tensor of a safetensors file as float, by name.

@@ -55,6 +55,19 @@ TEST_F(MpiCommunicatorTest, ReduceScatterGivesEachRankItsBlock) {
     EXPECT_EQ(out[j], size_ * (100.0f * rank_ + j) + ranks);
 }
 
+TEST_F(MpiCommunicatorTest, ReduceOntoEachRoot) {
+  const float ranks = static_cast<float>(size_ * (size_ - 1) / 2);
+  for (int root = 0; root < size_; ++root) {
+    std::vector<float> v{1.0f * rank_, 3.0f};
+    world_.reduce(f32(v), root, ReduceOp::Sum);
+    if (rank_ == root) {
+      EXPECT_EQ(v, (std::vector<float>{ranks, 3.0f * size_}));
+    } else {
+      EXPECT_EQ(v, (std::vector<float>{1.0f * rank_, 3.0f}));
+    }
+  }
+}
+
 TEST_F(MpiCommunicatorTest, AllGatherAlsoInPlace) {
   std::vector<float> in{1.0f * rank_, 2.0f * rank_}, out(2 * size_);
   world_.all_gather(f32(in), f32(out));

@@ -23,11 +23,6 @@ void PrintTo(const Case& c, std::ostream* os) {
   *os << c.name;
 }
 
-std::string fixture_model(const std::string& fixture) {
-  return "--pretrained_checkpoint_type=huggingface --pretrained_checkpoint_path=" + kFixtureDir +
-         "/" + fixture;
-}
-
 // Single-rank probes (cached per model and batch split) in one folder for the whole suite.
 class ProbeLayouts : public ::testing::TestWithParam<Case> {
  protected:
@@ -141,6 +136,18 @@ std::vector<Case> cases() {
     name = name.substr(4);
     name.erase(std::remove(name.begin(), name.end(), '-'), name.end());
     add(name, fixture_model(f), f, std::string(f) == "dev-mixtral", true, all);
+  }
+  // Global-batch load balancing: the statistics summed over the data-parallel ranks make every
+  // layout compute what one rank (and transformers) computes on the whole batch.
+  add("mixtralglobal", fixture_model("dev-mixtral") + " --moe_aux_loss_scope=global_batch",
+      "dev-mixtral", false, true, {{2, 1, 1}, {2, 2, 1}, {2, 1, 2}, {2, 2, 2}});
+  // Sequence parallelism: the same function under tensor-parallel sizes 2 and 4, with pipeline and
+  // data parallelism, dense, MoE and tied.
+  for (const char* f : {"dev-mistral", "dev-mixtral", "dev-tied-nowindow"}) {
+    std::string name = std::string(f).substr(4) + "sp";
+    name.erase(std::remove(name.begin(), name.end(), '-'), name.end());
+    add(name, fixture_model(f) + " --sequence_parallel=1", f, std::string(f) == "dev-mixtral", true,
+        {{1, 2, 1}, {1, 2, 2}, {2, 2, 2}, {1, 4, 1}});
   }
   // A vocabulary that no tensor-parallel size divides: the last rank's slice is shorter, and no
   // padding row is ever predicted. Random weights (seeded, the same under every layout).

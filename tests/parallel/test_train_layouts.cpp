@@ -1,4 +1,4 @@
-// `fastllm train` under mpiexec in data x tensor x pipeline layouts, ZeRO-1 on and off: the loss
+// `fastllm train` under mpiexec in data x tensor x pipeline layouts, ZeRO 0, 1 and 2: the loss
 // and gradient norm of each of 12 steps within 1e-5 relative of the single-rank run with the same
 // micro-batches (and, for the fixtures' own trajectories, of transformers' losses).
 #include <gtest/gtest.h>
@@ -24,11 +24,6 @@ struct Case {
 
 void PrintTo(const Case& c, std::ostream* os) {
   *os << c.name;
-}
-
-std::string fixture_model(const std::string& fixture) {
-  return "--pretrained_checkpoint_type=huggingface --pretrained_checkpoint_path=" + kFixtureDir +
-         "/" + fixture;
 }
 
 class TrainLayouts : public ::testing::TestWithParam<Case> {
@@ -83,9 +78,11 @@ TEST_P(TrainLayouts, MatchesOneRank) {
 
 // The quick cases run by default; the others are labelled slow (FASTLLM_SLOW_CASES selects them).
 const std::vector<std::string> kQuick = {
-    "mistral_2x1x1_zero1", "mistral_1x2x1",  "mistral_1x1x2",       "mistral_2x2x2_zero1",
-    "mistral_1x4x1",       "mixtral_1x1x2",  "mixtral_2x2x2_zero1", "tied_2x2x2_zero1",
-    "biases_2x2x2_zero1",  "moebiases_1x4x1"};
+    "mistral_2x1x1_zero1", "mistral_1x2x1",        "mistral_1x1x2",         "mistral_2x2x2_zero1",
+    "mistral_1x4x1",       "mixtral_1x1x2",        "mixtral_2x2x2_zero1",   "tied_2x2x2_zero1",
+    "biases_2x2x2_zero1",  "moebiases_1x4x1",      "mistralsp_2x2x2_zero1", "mixtralsp_1x2x2",
+    "biasessp_1x2x1",      "tp3sp_1x3x1",          "mistral_2x2x2_zero2",   "mixtral_2x2x1_zero2",
+    "tied_2x1x2_zero2",    "mistralsp_2x2x1_zero2"};
 
 std::vector<Case> cases() {
   const std::vector<std::pair<Shape, int>> all = {{{2, 1, 1}, 0}, {{2, 1, 1}, 1}, {{1, 2, 1}, 0},
@@ -97,8 +94,8 @@ std::vector<Case> cases() {
                  std::int64_t micro, const std::string& trajectory,
                  const std::vector<std::pair<Shape, int>>& shapes) {
     for (const auto& [shape, zero] : shapes)
-      out.push_back({name + "_" + shape.name() + (zero ? "_zero1" : ""), flags, data, micro, shape,
-                     zero, trajectory});
+      out.push_back({name + "_" + shape.name() + (zero ? "_zero" + std::to_string(zero) : ""),
+                     flags, data, micro, shape, zero, trajectory});
   };
   // The fixture's trajectory (two micro-batches of one sequence per step).
   add("mistral", fixture_model("dev-mistral"), "dev-mistral", 1, "dev-mistral", all);
@@ -124,6 +121,34 @@ std::vector<Case> cases() {
           " --load_pretrained_weights=0 --vocab_size=1001 "
           "--add_linear_biases=1",
       "dev-mixtral", 1, "", {{{1, 2, 1}, 0}, {{2, 2, 2}, 1}, {{1, 4, 1}, 0}});
+  // Sequence parallelism: the same steps within 1e-5, dense and MoE, norms with biases (whose
+  // gradients come from each rank's tokens), and tensor-parallel sizes 2, 3 and 4.
+  const std::string sp = " --sequence_parallel=1";
+  add("mistralsp", fixture_model("dev-mistral") + sp, "dev-mistral", 1, "dev-mistral",
+      {{{2, 2, 2}, 1}, {{1, 4, 1}, 0}, {{1, 2, 2}, 0}});
+  add("mixtralsp", fixture_model("dev-mixtral") + sp, "dev-mixtral", 1, "",
+      {{{1, 2, 2}, 0}, {{2, 2, 1}, 1}, {{1, 4, 1}, 0}});
+  add("biasessp",
+      fixture_model("dev-mistral") +
+          " --load_pretrained_weights=0 --add_linear_biases=1 --normalization_type=layer_norm" + sp,
+      "dev-mistral", 1, "", {{{1, 2, 1}, 0}, {{2, 2, 2}, 1}});
+  add("tp3sp",
+      fixture_model("dev-mistral") +
+          " --load_pretrained_weights=0 --num_attention_heads=6 --head_groups=3 "
+          "--ffn_hidden_size=192 --vocab_size=1001" +
+          sp,
+      "dev-mistral", 1, "", {{{1, 3, 1}, 0}, {{2, 3, 1}, 1}});
+  // ZeRO-2: gradients reduced into each shard bucket by bucket during backward, with pipeline
+  // stages (the tied embedding's buckets wait for the end of the step), MoE, sequence parallelism
+  // and key/value heads replicated over tensor-parallel ranks.
+  add("mistral", fixture_model("dev-mistral"), "dev-mistral", 1, "dev-mistral",
+      {{{2, 1, 1}, 2}, {{2, 2, 2}, 2}});
+  add("mixtral", fixture_model("dev-mixtral"), "dev-mixtral", 1, "", {{{2, 2, 1}, 2}});
+  add("tied", fixture_model("dev-tied-nowindow"), "dev-mistral", 1, "", {{{2, 1, 2}, 2}});
+  add("mistralsp", fixture_model("dev-mistral") + sp, "dev-mistral", 1, "dev-mistral",
+      {{{2, 2, 1}, 2}});
+  add("kvreplicas", fixture_model("dev-mistral"), "dev-mistral", 1, "dev-mistral",
+      {{{2, 4, 1}, 2}});
   std::erase_if(out, [](const Case& c) {
     const bool quick = std::find(kQuick.begin(), kQuick.end(), c.name) != kQuick.end();
     return quick == static_cast<bool>(FASTLLM_SLOW_CASES);

@@ -59,9 +59,9 @@ TEST_F(Resume, BitIdenticalToAnUninterruptedRun) {
 
 TEST_F(Resume, CorruptNewestCheckpointFallsBackToThePrevious) {
   const std::string run = (dir_ / "run").string();
-  ASSERT_EQ(run_fastllm("train " + flags() + " --train_iters=4 --save_interval=2 --save=" + run)
-                .exit_code,
-            0);
+  const CommandResult first =
+      run_fastllm("train " + flags() + " --train_iters=4 --save_interval=2 --save=" + run);
+  ASSERT_EQ(first.exit_code, 0) << first.err;
   // The newest file truncated, as a copy cut short would leave it.
   const fs::path newest = fs::path(run) / "checkpoint-00000004.h5";
   fs::resize_file(newest, fs::file_size(newest) / 2);

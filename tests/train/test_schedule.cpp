@@ -1,4 +1,4 @@
-// Every step of each learning-rate schedule, against values worked out by hand from DESIGN.md
+// Every step of each learning-rate schedule, against values worked out by hand from docs/DESIGN.md
 // section 7: warmup lr * (it + 1) / warmup, then constant, linear or cosine decay to min_lr.
 #include <gtest/gtest.h>
 

@@ -5,19 +5,11 @@
 #include <cmath>
 
 #include "io/safetensors.h"
+#include "support/numeric.h"
 #include "train/train_support.h"
 
 namespace fastllm::test {
 namespace {
-
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < b.size(); ++i) {
-    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
-}
 
 void check_trajectory(const std::string& fixture, std::int64_t micro_batch_size) {
   TempDir dir;

@@ -1,7 +1,7 @@
 #pragma once
 // Collectives between the ranks of one group (world, tensor-, data- or pipeline-parallel), on the
 // memory of one backend: MPI over host memory for the host backend, NCCL over device memory for
-// the CUDA backend (DESIGN.md section 4). The hot path of every layout goes through this interface.
+// the CUDA backend (docs/DESIGN.md section 4). Every layout's hot path goes through this interface.
 #include "kernels/backend.h"
 
 namespace fastllm {
@@ -18,6 +18,8 @@ class Communicator {
   virtual void all_reduce(Tensor t, ReduceOp op) = 0;
   // in holds size() equal blocks of out.numel() elements; rank r receives the reduction of block r.
   virtual void reduce_scatter(Tensor in, Tensor out, ReduceOp op) = 0;
+  // In place on `root`, which receives the reduction of every rank's t; t is unchanged elsewhere.
+  virtual void reduce(Tensor t, int root, ReduceOp op) = 0;
   // out receives size() blocks of in.numel() elements, block r from rank r.
   virtual void all_gather(Tensor in, Tensor out) = 0;
   virtual void broadcast(Tensor t, int root) = 0;
