@@ -473,6 +473,7 @@ struct H5File::Impl {
   std::uint64_t bytes_read = 0;
   std::map<std::string, std::int64_t> chunk_of;  // reading: checksum_chunk's answers
   bool storing_checksums = false;  // commit() is writing the reserved group
+  bool reserved = false;           // reserve() allocated the file's blocks (rank 0)
 
   Impl(const std::string& file_path, MPI_Comm parent, bool write)
       : path(file_path), writing(write) {
@@ -1256,11 +1257,16 @@ void H5File::reserve(std::uint64_t bytes) {
     if (failed == ENOSPC || failed == EDQUOT || failed == EFBIG) {
       if (sized) static_cast<void>(::ftruncate(fd, before.st_size));
       ::close(fd);
+      if (failed == EFBIG)
+        throw UserError("cannot write " + in_quotes(im.path) + " in the folder " +
+                        in_quotes(folder) + ": it needs " + std::to_string(bytes) +
+                        " bytes, more than this process may write to a file (ulimit -f)");
       std::uint64_t available = 0;
       if (::statvfs(folder.c_str(), &stats) == 0)
         available = static_cast<std::uint64_t>(stats.f_bavail) * stats.f_frsize;
       throw no_space(available);
     }
+    im.reserved = failed == 0;
     ::close(fd);
   });
 }
@@ -1278,6 +1284,22 @@ void H5File::commit() {
   if (round) im.take_turns(nullptr);
   // Each rank syncs, since on a cluster file system a node's cache holds that node's writes.
   im.agree([&] { fsync_path(im.tmp_path, false); });
+  // Some MPI-IO layers report a full disk only on their console and return success, leaving
+  // holes: without blocks reserved up front, a file holding fewer blocks than its data is one
+  // whose writes were lost.
+  im.agree([&] {
+    if (im.rank != 0 || im.reserved) return;
+    std::uint64_t data = 0;
+    for (const auto& [name, info] : im.defined)
+      data += static_cast<std::uint64_t>(volume(info.shape)) * h5_dtype_size(info.dtype);
+    struct stat written {};
+    if (::stat(im.tmp_path.c_str(), &written) == 0 &&
+        static_cast<std::uint64_t>(written.st_blocks) * 512 < data)
+      im.throw_write_failure("the file system kept " +
+                             std::to_string(static_cast<std::uint64_t>(written.st_blocks) * 512) +
+                             " bytes of " + in_quotes(im.tmp_path) + ", which holds " +
+                             std::to_string(data) + " bytes of data: writes were lost");
+  });
   im.agree([&] {
     if (im.rank != 0) return;
     if (std::rename(im.tmp_path.c_str(), im.path.c_str()) != 0) {

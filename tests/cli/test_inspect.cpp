@@ -95,6 +95,24 @@ TEST(Inspect, Mistral7BActivationPlan) {
   EXPECT_NE(text.out.find("DOES NOT FIT"), std::string::npos) << text.out;
 }
 
+// ZeRO-2 divides the gradients by the data-parallel size (plus the bucket being reduced) and
+// sequence parallelism the activations outside the tensor-parallel regions by the tensor size.
+TEST(Inspect, Zero2AndSequenceParallelPlans) {
+  const std::string base = kMistralFlags +
+                           " --tensor_parallel=8 --data_parallel=8 --micro_batch_size=1 "
+                           "--sequence_length=4096 --recompute=selective";
+  const auto zero1 = inspect_json(base + " --zero_stage=1")["stages"][0];
+  const auto zero2 = inspect_json(base + " --zero_stage=2")["stages"][0];
+  const double params = zero1["parameters_per_rank"].get<double>();
+  EXPECT_DOUBLE_EQ(zero1["gradient_bytes"].get<double>(), 4 * params);
+  EXPECT_GT(zero2["gradient_bytes"].get<double>(), 4 * params / 8);
+  EXPECT_LT(zero2["gradient_bytes"].get<double>(), 4 * params / 8 + 0.4 * 4 * params);
+  EXPECT_EQ(zero2["optimizer_bytes"], zero1["optimizer_bytes"]);
+  const auto sp = inspect_json(base + " --zero_stage=1 --sequence_parallel=1")["stages"][0];
+  EXPECT_LT(sp["activation_bytes"].get<double>(), zero1["activation_bytes"].get<double>());
+  EXPECT_EQ(sp["logits_bytes"].get<double>() < zero1["logits_bytes"].get<double>(), true);
+}
+
 TEST(Inspect, Mixtral8x7BFromCheckpointConfig) {
   auto folder = ConfigFolder::from_file(kFixtures + "/configs/Mixtral-8x7B-v0.1.config.json");
   auto j = inspect_json("--pretrained_checkpoint_path=" + folder.path());

@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <tuple>
 
 #include "parallel_support.h"
 #include "train/train_support.h"
@@ -145,6 +146,22 @@ TEST_P(CheckpointLayouts, TruncatedNewestFallsBackToThePreviousOnEveryRank) {
   ASSERT_EQ(r.exit_code, 0) << r.err << r.out;
   EXPECT_NE(r.err.find("skipping " + newest.string()), std::string::npos) << r.err;
   EXPECT_NE(r.out.find("checkpoint-00000002.h5 at iteration 2"), std::string::npos) << r.out;
+}
+
+// ZeRO-2 keeps the optimizer state of ZeRO-1 (only the gradients are bucketed), so its checkpoints
+// resume under ZeRO-1, without ZeRO and under another layout, with the straight run's losses.
+TEST_P(CheckpointLayouts, SavedUnderZero2ResumesUnderZero1AndOtherLayouts) {
+  ASSERT_EQ(run_fastllm(train(12, (dir_ / "straight").string())).exit_code, 0);
+  const std::string saved = (dir_ / "saved").string();
+  const CommandResult first =
+      run_mpi(4, train(6, saved) + Shape{2, 1, 2}.flags() + " --zero_stage=2");
+  ASSERT_EQ(first.exit_code, 0) << first.err << first.out;
+  for (const auto& [name, layout, zero] :
+       {std::tuple{"one", Shape{1, 1, 1}, 0}, {"zero1", Shape{2, 2, 1}, 1}}) {
+    const CommandResult r = resume(saved, name, layout, zero);
+    ASSERT_EQ(r.exit_code, 0) << r.err << r.out;
+    expect_straight_losses(name);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CheckpointLayouts,
