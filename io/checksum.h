@@ -43,8 +43,8 @@ inline std::int64_t checksum_chunk_elements(const std::vector<std::int64_t>& sha
 // Adds the terms of `count` consecutive elements of `element_size` bytes, the first at flat index
 // `first`, to sums[chunk - first_chunk] of the chunks they fall in.
 inline void add_checksum_terms(std::uint64_t* sums, std::int64_t first_chunk,
-                               std::int64_t chunk_elements, std::int64_t first,
-                               std::int64_t count, const void* data, std::size_t element_size) {
+                               std::int64_t chunk_elements, std::int64_t first, std::int64_t count,
+                               const void* data, std::size_t element_size) {
   const auto* bytes = static_cast<const unsigned char*>(data);
   for (std::int64_t i = 0; i < count;) {
     const std::int64_t chunk = (first + i) / chunk_elements;

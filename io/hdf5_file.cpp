@@ -2,8 +2,9 @@
 
 #include <fcntl.h>
 #include <hdf5.h>
-#include <sys/statvfs.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -19,6 +20,7 @@
 
 #include "io/checksum.h"
 #include "io/error.h"
+#include "io/hdf5_funnel.h"
 
 #if !H5_VERSION_GE(1, 10, 2)
 #error "fastllm needs HDF5 1.10.2 or newer"
@@ -27,7 +29,6 @@
 namespace fastllm {
 namespace {
 
-constexpr int kTokenTag = 7001;
 constexpr const char* kBf16Attr = "dtype";
 constexpr const char* kBf16Name = "bfloat16";
 // The checksums of dataset NAME are the int64 dataset kChecksumGroup + NAME (uint64 bits), one per
@@ -411,17 +412,7 @@ bool select_flat_range(hid_t space, const std::vector<std::int64_t>& shape, std:
   return true;
 }
 
-// A slab a funnelled rank keeps until its turn; `data` points into `copy` or at the caller's
-// memory.
-struct Slab {
-  std::string name;
-  H5DType dtype;
-  std::vector<std::int64_t> offset;
-  std::vector<std::int64_t> count;
-  std::int64_t elements;
-  std::vector<std::byte> copy;
-  const void* data;
-};
+using Slab = WriteSlab;
 
 }  // namespace
 
@@ -467,13 +458,11 @@ struct H5File::Impl {
   // Open on every rank, except in a funnelled write where only rank 0 holds it between rounds.
   Id file;
   std::map<std::string, DatasetInfo> defined;
-  std::vector<Slab> kept;
-  std::size_t kept_bytes = 0;
-  std::size_t funnel_limit = 0;
+  std::unique_ptr<WriteFunnel> funnel;  // writing with serial HDF5
   std::uint64_t bytes_read = 0;
   std::map<std::string, std::int64_t> chunk_of;  // reading: checksum_chunk's answers
-  bool storing_checksums = false;  // commit() is writing the reserved group
-  bool reserved = false;           // reserve() allocated the file's blocks (rank 0)
+  bool storing_checksums = false;                // commit() is writing the reserved group
+  bool reserved = false;                         // reserve() allocated the file's blocks (rank 0)
 
   Impl(const std::string& file_path, MPI_Comm parent, bool write)
       : path(file_path), writing(write) {
@@ -497,7 +486,8 @@ struct H5File::Impl {
     if (finalized && parallel()) file.release();
     // An abandoned write (a full disk, another rank's failure) gives its space back first, so
     // that the metadata HDF5 writes while closing finds room and every rank's close completes.
-    if (writing && created && !committed && rank == 0) static_cast<void>(::truncate(tmp_path.c_str(), 0));
+    if (writing && created && !committed && rank == 0)
+      static_cast<void>(::truncate(tmp_path.c_str(), 0));
     file.reset();
     if (writing && created && !committed && rank == 0) {
       std::error_code ignored;
@@ -592,7 +582,8 @@ struct H5File::Impl {
     if (chunk > 0) {
       const std::int64_t total = volume(shape);
       for_each_run(shape, offset, count, [&](std::int64_t flat, std::int64_t n, std::int64_t) {
-        whole_chunks = whole_chunks && flat % chunk == 0 && ((flat + n) % chunk == 0 || flat + n == total);
+        whole_chunks =
+            whole_chunks && flat % chunk == 0 && ((flat + n) % chunk == 0 || flat + n == total);
         const std::int64_t first = flat / chunk, last = (flat + n - 1) / chunk + 1;
         if (!chunks.empty() && first <= chunks.back().second) {
           chunks.back().second = std::max(chunks.back().second, last);
@@ -641,9 +632,10 @@ struct H5File::Impl {
       at += std::min(last * chunk, volume(shape)) - first * chunk;
     }
     for_each_run(shape, offset, count, [&](std::int64_t flat, std::int64_t n, std::int64_t done) {
-      const auto range = std::upper_bound(chunks.begin(), chunks.end(), flat / chunk,
-                                          [](std::int64_t c, const auto& r) { return c < r.first; }) -
-                         1;
+      const auto range =
+          std::upper_bound(chunks.begin(), chunks.end(), flat / chunk,
+                           [](std::int64_t c, const auto& r) { return c < r.first; }) -
+          1;
       const std::int64_t from =
           range_at[static_cast<std::size_t>(range - chunks.begin())] + flat - range->first * chunk;
       std::memcpy(static_cast<std::byte*>(out) + done * static_cast<std::int64_t>(element_size),
@@ -705,12 +697,13 @@ struct H5File::Impl {
     Id file_space, memory_space;
     if (dataset.valid())
       std::tie(file_space, memory_space) = slab_spaces(dataset.get(), at, n, last - first);
-    if (!file_space.valid() || stored_shape(dataset.get(), sums) != std::vector<std::int64_t>{
-                                   (volume(shape) + chunk - 1) / chunk} ||
-        H5Dread(dataset.get(), H5T_NATIVE_INT64, memory_space.get(), file_space.get(),
-                H5P_DEFAULT, stored.data()) < 0) {
-      throw UserError("cannot read the checksums of dataset " + in_quotes(full) + in_file() +
-                      ": " + h5_detail());
+    if (!file_space.valid() ||
+        stored_shape(dataset.get(), sums) !=
+            std::vector<std::int64_t>{(volume(shape) + chunk - 1) / chunk} ||
+        H5Dread(dataset.get(), H5T_NATIVE_INT64, memory_space.get(), file_space.get(), H5P_DEFAULT,
+                stored.data()) < 0) {
+      throw UserError("cannot read the checksums of dataset " + in_quotes(full) + in_file() + ": " +
+                      h5_detail());
     }
     for (const auto& [a, b] : chunks) {
       for (std::int64_t c = a; c < b; ++c) {
@@ -723,8 +716,8 @@ struct H5File::Impl {
         throw UserError("checksum mismatch in dataset " + in_quotes(full) + in_file() +
                         ": reading the slab at " + format_dims(offset) + " of count " +
                         format_dims(count) + ", elements [" + std::to_string(c * chunk) + ", " +
-                        std::to_string(std::min((c + 1) * chunk, volume(shape))) +
-                        ") hash to " + sums_text + "; the file is corrupt");
+                        std::to_string(std::min((c + 1) * chunk, volume(shape))) + ") hash to " +
+                        sums_text + "; the file is corrupt");
       }
     }
   }
@@ -772,11 +765,6 @@ struct H5File::Impl {
     return value;
   }
 
-  std::uint64_t max_over_ranks(std::uint64_t value) {
-    MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_UINT64_T, MPI_MAX, comm);
-    return value;
-  }
-
   void require_file() const {
     if (!file.valid()) {
       throw std::runtime_error(in_quotes(disk_path()) + " is not open after an earlier failure");
@@ -818,9 +806,9 @@ struct H5File::Impl {
           static_cast<std::uint64_t>(stats.f_bavail) * static_cast<std::uint64_t>(stats.f_frsize);
       if (available < (std::uint64_t{16} << 20) || available < needed / 16)
         throw UserError("not enough space in the folder " + in_quotes(folder()) + " for " +
-                         in_quotes(path) + ": it needs about " + std::to_string(needed) +
-                         " bytes of data, " + std::to_string(available) +
-                         " are available (" + message + ")");
+                        in_quotes(path) + ": it needs about " + std::to_string(needed) +
+                        " bytes of data, " + std::to_string(available) + " are available (" +
+                        message + ")");
     }
     throw std::runtime_error(message);
   }
@@ -840,33 +828,18 @@ struct H5File::Impl {
         H5Dwrite(dataset.get(), memory_type(slab.dtype), memory_space.get(), file_space.get(),
                  transfer, data) < 0 ||
         !dataset.close()) {
-      throw_write_failure("cannot write the slab at " + format_dims(slab.offset) +
-                          " of dataset " + in_quotes(slab.name) + in_file() + ": " + h5_detail());
+      throw_write_failure("cannot write the slab at " + format_dims(slab.offset) + " of dataset " +
+                          in_quotes(slab.name) + in_file() + ": " + h5_detail());
     }
   }
 
-  // A funnel round's turns, once rank 0 has closed the file: ranks 1, 2, ... in order open it,
-  // write what they kept (and `extra`, written from the caller's memory), and close it.
+  // A funnel round's turns, once rank 0 has closed the file (io/hdf5_funnel.h).
   void take_turns(const Slab* extra) {
-    std::exception_ptr failure;
-    int token = 0;
-    if (rank > 0) MPI_Recv(&token, 1, MPI_INT, rank - 1, kTokenTag, comm, MPI_STATUS_IGNORE);
-    if (rank > 0 && (!kept.empty() || extra != nullptr)) {
-      try {
-        open_existing(H5F_ACC_RDWR, false);
-        for (const Slab& slab : kept)
-          write_hyperslab(file.get(), slab, H5P_DEFAULT);
-        if (extra != nullptr) write_hyperslab(file.get(), *extra, H5P_DEFAULT);
-        close_file();
-      } catch (...) {
-        failure = std::current_exception();
-        file.reset();
-      }
-    }
-    if (rank + 1 < size) MPI_Send(&token, 1, MPI_INT, rank + 1, kTokenTag, comm);
-    MPI_Barrier(comm);
-    kept.clear();
-    kept_bytes = 0;
+    const WriteFunnel::Turn turn{
+        [&] { open_existing(H5F_ACC_RDWR, false); },
+        [&](const Slab& slab) { write_hyperslab(file.get(), slab, H5P_DEFAULT); },
+        [&] { close_file(); }, [&] { file.reset(); }};
+    const std::exception_ptr failure = funnel->take_turns(extra, turn);
     agree([&] {
       if (failure) std::rethrow_exception(failure);
     });
@@ -1003,7 +976,8 @@ H5File::~H5File() = default;
 
 H5File H5File::create(const std::string& path, MPI_Comm comm, std::size_t funnel_buffer_bytes) {
   auto impl = std::make_unique<Impl>(path, comm, true);
-  impl->funnel_limit = funnel_buffer_bytes;
+  if (!impl->parallel())
+    impl->funnel = std::make_unique<WriteFunnel>(impl->comm, funnel_buffer_bytes);
   impl->check_same("H5File::create", path);
   impl->agree([&] {
     if (!impl->holds_file()) return;
@@ -1133,18 +1107,14 @@ void H5File::write_slab(const std::string& name, H5DType dtype,
     return;
   }
   const std::size_t bytes = static_cast<std::size_t>(slab.elements) * h5_dtype_size(dtype);
-  const bool round = im.max_over_ranks(im.rank == 0 ? 0 : im.kept_bytes + bytes) > im.funnel_limit;
+  const bool round = im.funnel->round_needed(bytes);
   im.agree([&] {
     if (im.rank == 0) {
       im.require_file();
       im.write_hyperslab(im.file.get(), slab, H5P_DEFAULT);
       if (round) im.close_file();
     } else if (!round && slab.elements > 0) {
-      const auto* begin = static_cast<const std::byte*>(data);
-      slab.copy.assign(begin, begin + bytes);
-      slab.data = slab.copy.data();
-      im.kept.push_back(std::move(slab));
-      im.kept_bytes += bytes;
+      im.funnel->keep(std::move(slab), bytes);
     }
   });
   if (round) {
@@ -1179,7 +1149,7 @@ void H5File::set_attr_double(const std::string& object, const std::string& key, 
 void H5File::flush() {
   Impl& im = Impl::writer(impl_, "flush");
   im.check_same("flush", im.path);
-  if (!im.parallel() && im.max_over_ranks(im.kept_bytes) > 0) {
+  if (!im.parallel() && im.funnel->holds_slabs()) {
     im.agree([&] {
       if (im.rank == 0) im.close_file();
     });
@@ -1228,9 +1198,7 @@ void H5File::reserve(std::uint64_t bytes) {
   Impl& im = Impl::writer(impl_, "reserve");
   im.check_same("reserve", std::to_string(bytes));
   im.agree([&] {
-    // Tests set FASTLLM_TEST_NO_RESERVE to meet a full disk in the middle of the writes, as on a
-    // file system without fallocate that another job fills.
-    if (im.rank != 0 || std::getenv("FASTLLM_TEST_NO_RESERVE") != nullptr) return;
+    if (im.rank != 0) return;
     const std::filesystem::path parent = std::filesystem::path(im.path).parent_path();
     const std::string folder = parent.empty() ? std::string(".") : parent.string();
     const auto no_space = [&](std::uint64_t available) {
@@ -1244,6 +1212,13 @@ void H5File::reserve(std::uint64_t bytes) {
           static_cast<std::uint64_t>(stats.f_bavail) * static_cast<std::uint64_t>(stats.f_frsize);
       if (available < bytes) throw no_space(available);
     }
+    struct rlimit limit {};
+    if (::getrlimit(RLIMIT_FSIZE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY &&
+        limit.rlim_cur < bytes)
+      throw UserError("cannot write " + in_quotes(im.path) + " in the folder " + in_quotes(folder) +
+                      ": it needs " + std::to_string(bytes) +
+                      " bytes, more than this process may write to a file (ulimit -f: " +
+                      std::to_string(limit.rlim_cur) + " bytes)");
     // Taking the blocks now means no write below can meet a full disk (or quota) half-way.
     const int fd = ::open(im.tmp_path.c_str(), O_WRONLY);
     if (fd < 0) {
@@ -1252,8 +1227,7 @@ void H5File::reserve(std::uint64_t bytes) {
     }
     struct stat before {};
     const bool sized = ::fstat(fd, &before) == 0;
-    const int failed =
-        ::fallocate(fd, 0, 0, static_cast<off_t>(bytes)) == 0 ? 0 : errno;
+    const int failed = ::fallocate(fd, 0, 0, static_cast<off_t>(bytes)) == 0 ? 0 : errno;
     if (failed == ENOSPC || failed == EDQUOT || failed == EFBIG) {
       if (sized) static_cast<void>(::ftruncate(fd, before.st_size));
       ::close(fd);
@@ -1275,7 +1249,7 @@ void H5File::commit() {
   Impl& im = Impl::writer(impl_, "commit");
   im.check_same("commit", im.path);
   store_checksums();
-  const bool round = !im.parallel() && im.max_over_ranks(im.kept_bytes) > 0;
+  const bool round = !im.parallel() && im.funnel->holds_slabs();
   im.agree([&] {
     if (!im.holds_file()) return;
     im.require_file();

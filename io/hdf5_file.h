@@ -10,7 +10,7 @@
 //   and, in a "round", take turns (rank 1, 2, ... passing a token) opening the file, writing and
 //   closing it while rank 0 has it closed. A round runs when any rank's kept slabs would pass
 //   funnel_buffer_bytes, and in flush() and commit(); so memory stays bounded, and a one-rank run
-//   never closes and reopens the file.
+//   never closes and reopens the file. The funnel itself is io/hdf5_funnel.h.
 //
 // Calls marked collective must be made by every rank of the communicator, in the same order, with
 // the same arguments (checked: a mismatch throws on every rank). A failure inside a collective call

@@ -139,6 +139,9 @@ class Backend {
   // ---- rotary embedding, half-split convention, in place on x [batch, seq, heads, head_dim] ----
   // Position of x[b, s] is s. inverse = true rotates by the negative angle (the backward).
   virtual void rope(Tensor x, double theta, bool inverse) = 0;
+  // rope with x[b, s] at position positions[b, s] (I32 [batch, seq], 0 <= positions[b, s] <= s):
+  // packed documents whose positions restart at 0 at each document's first token.
+  virtual void rope_positions(Tensor x, Tensor positions, double theta, bool inverse) = 0;
 
   // ---- causal grouped-query attention ----
   // q, out [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads, head_dim];
@@ -148,6 +151,15 @@ class Backend {
                                  Tensor lse) = 0;
   virtual void attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout,
                                   std::int64_t window, Tensor dq, Tensor dk, Tensor dv) = 0;
+  // The same over packed documents: positions (I32 [batch, seq]) is each token's position in its
+  // document, 0 at a document's first token and the previous token's + 1 otherwise, and query i
+  // sees only the keys of its own document, max(i - positions[i], i - window + 1) <= j <= i. An
+  // empty positions tensor (no data) is one document per row: the ops above.
+  virtual void document_attention_forward(Tensor q, Tensor k, Tensor v, Tensor positions,
+                                          std::int64_t window, Tensor out, Tensor lse) = 0;
+  virtual void document_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                           Tensor dout, Tensor positions, std::int64_t window,
+                                           Tensor dq, Tensor dk, Tensor dv) = 0;
 
   // ---- MLP activations ----
   virtual void activation_forward(Activation kind, Tensor x, Tensor y) = 0;
@@ -199,6 +211,27 @@ class Backend {
   virtual void scale_rows(Tensor y, Tensor weight) = 0;
   // out[i] = dot(a[i], b[index[i]])
   virtual void dot_rows_gathered(Tensor a, Tensor b, Tensor index, Tensor out) = 0;
+  // moe_permute that leaves the run offsets in the backend's memory: offsets I32 [experts + 1],
+  // for the grouped linear ops, with no copy to the host.
+  virtual void moe_permute_offsets(Tensor topk_index, int experts, Tensor sorted_token,
+                                   Tensor sorted_slot, Tensor offsets) = 0;
+
+  // ---- the experts' linear layers, all experts in one op: rows [offsets[e], offsets[e + 1]) of
+  // ---- the row tensors belong to expert e (offsets I32 [experts + 1], nondecreasing from 0, in
+  // ---- the backend's memory, as moe_permute_offsets writes them; rows past the last offset are
+  // ---- left alone). weights[e] is W_e [n, k]; biases and dbiases are empty or one per expert,
+  // ---- an empty tensor standing for no bias.
+  // y[rows of e] = x[rows of e] W_e^T + b_e: x [rows, k], y [rows, n].
+  virtual void grouped_linear_forward(Tensor x, const std::vector<Tensor>& weights,
+                                      const std::vector<Tensor>& biases, Tensor offsets,
+                                      Tensor y) = 0;
+  // dx[rows of e] = dy[rows of e] W_e + beta * dx[rows of e]: dy [rows, n], dx [rows, k].
+  virtual void grouped_linear_backward_data(Tensor dy, const std::vector<Tensor>& weights,
+                                            Tensor offsets, float beta, Tensor dx) = 0;
+  // dW_e += dy[rows of e]^T x[rows of e] and db_e += the sum of dy's rows of e.
+  virtual void grouped_linear_backward_weight(Tensor x, Tensor dy, Tensor offsets,
+                                              const std::vector<Tensor>& dweights,
+                                              const std::vector<Tensor>& dbiases) = 0;
 
   // ---- optimizer ----
   // PyTorch AdamW on F32 master weights at step t (from 1); gradients are multiplied by

@@ -1,4 +1,5 @@
-// Causal grouped-query attention with an optional sliding window, FlashAttention-2 style: the
+// Causal grouped-query attention with an optional sliding window, and optionally over packed
+// documents (a query sees only its own document's keys), FlashAttention-2 style: the
 // score matrix exists one [32 queries x 32 keys] tile at a time in shared memory, the forward
 // keeps an online softmax and saves the log-sum-exp, the backward recomputes the probabilities
 // from it. The backward runs as two kernels, one per (KV head, key tile) for dK and dV over every
@@ -26,15 +27,22 @@ static_assert(kRows == kCols, "the dK/dV kernel gives one key per row of threads
 struct Geometry {
   std::int64_t batch, seq, heads, kv_heads, dim, group, window;
   float scale;
+  // Packed documents: each token's position in its document ([batch, seq]), or null. Trusted to be
+  // 0 at a document start and the previous + 1 otherwise (the host checked them where they were
+  // made), so a document's start i - positions[i] never decreases along a row.
+  const std::int32_t* positions;
 
-  __host__ __device__ std::int64_t first_key(std::int64_t query) const {
-    return window > 0 ? max(std::int64_t{0}, query - window + 1) : 0;
+  // The first key query sees; not decreasing in query, so a tile's first query has the tile's.
+  __host__ __device__ std::int64_t first_key(std::int64_t b, std::int64_t query) const {
+    const std::int64_t first = window > 0 ? max(std::int64_t{0}, query - window + 1) : 0;
+    return positions ? max(first, query - positions[b * seq + query]) : first;
   }
   __host__ __device__ std::int64_t last_query(std::int64_t key) const {
     return window > 0 ? min(seq - 1, key + window - 1) : seq - 1;
   }
-  __host__ __device__ bool sees(std::int64_t i, std::int64_t j) const {
-    return i < seq && j < seq && j <= i && (window == 0 || j > i - window);
+  __host__ __device__ bool sees(std::int64_t b, std::int64_t i, std::int64_t j) const {
+    return i < seq && j < seq && j <= i && (window == 0 || j > i - window) &&
+           (!positions || j >= i - positions[b * seq + i]);
   }
   __host__ __device__ std::int64_t q_offset(std::int64_t b, std::int64_t pos,
                                             std::int64_t head) const {
@@ -101,7 +109,7 @@ __global__ void __launch_bounds__(kThreads)
   float m = -INFINITY;
   float l = 0.0f;
   const std::int64_t key_end = min(g.seq, i0 + kRows);
-  for (std::int64_t j0 = g.first_key(i0) / kCols * kCols; j0 < key_end; j0 += kCols) {
+  for (std::int64_t j0 = g.first_key(b, i0) / kCols * kCols; j0 < key_end; j0 += kCols) {
     const int k_rows = static_cast<int>(min(std::int64_t{kCols}, g.seq - j0));
     __syncthreads();  // the previous tile is consumed
     load_tile(k_s, ld, k + g.kv_offset(b, j0, kv_head), g.kv_heads * g.dim, g.dim, kCols, k_rows);
@@ -117,7 +125,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int d = 0; d < dim; ++d)
         dot += q_s[r * ld + d] * k_s[c * ld + d];
       s[jj] = dot * g.scale;
-      visible[jj] = g.sees(i, j0 + c);
+      visible[jj] = g.sees(b, i, j0 + c);
       if (visible[jj]) tile_max = fmaxf(tile_max, s[jj]);
     }
     const float m_new = fmaxf(m, row_max(tile_max));
@@ -182,10 +190,11 @@ __global__ void attention_delta_kernel(Geometry g, const T* out, const T* dout, 
 // For query rows [i0, i0 + kRows) against keys [j0, j0 + kCols), in shared memory: P = exp(S - lse)
 // into p_s (when given) and dS = P (dP - delta), dP = dout V^T, into ds_s; 0 where not visible.
 // Thread (r, lane) computes columns lane + kLanes * jj of row r.
-__device__ void probabilities_and_dscores(const Geometry& g, std::int64_t i0, std::int64_t j0,
-                                          const float* q_s, const float* do_s, const float* k_s,
-                                          const float* v_s, int ld, const float* lse_s,
-                                          const float* delta_s, float* p_s, float* ds_s) {
+__device__ void probabilities_and_dscores(const Geometry& g, std::int64_t b, std::int64_t i0,
+                                          std::int64_t j0, const float* q_s, const float* do_s,
+                                          const float* k_s, const float* v_s, int ld,
+                                          const float* lse_s, const float* delta_s, float* p_s,
+                                          float* ds_s) {
   const int r = threadIdx.x / kLanes;
   const int lane = threadIdx.x % kLanes;
   const int dim = static_cast<int>(g.dim);
@@ -194,7 +203,7 @@ __device__ void probabilities_and_dscores(const Geometry& g, std::int64_t i0, st
     const int c = lane + kLanes * jj;
     float p = 0.0f;
     float ds = 0.0f;
-    if (g.sees(i0 + r, j0 + c)) {
+    if (g.sees(b, i0 + r, j0 + c)) {
       float dot = 0.0f;
       float dp = 0.0f;
       for (int d = 0; d < dim; ++d) {
@@ -258,10 +267,12 @@ __global__ void __launch_bounds__(kThreads)
   const std::int64_t query_end = g.last_query(min(g.seq, j0 + kCols) - 1) + 1;
   for (std::int64_t h = kv_head * g.group; h < (kv_head + 1) * g.group; ++h) {
     for (std::int64_t i0 = j0 / kRows * kRows; i0 < query_end; i0 += kRows) {
+      // Later queries start their documents after this key tile too (uniform over the block).
+      if (g.first_key(b, i0) >= j0 + kCols) break;
       __syncthreads();  // the previous query tile is consumed
       load_query_tile(g, b, h, i0, q, dout, lse, delta, q_s, do_s, lse_s, delta_s);
       __syncthreads();
-      probabilities_and_dscores(g, i0, j0, q_s, do_s, k_s, v_s, ld, lse_s, delta_s, p_s, ds_s);
+      probabilities_and_dscores(g, b, i0, j0, q_s, do_s, k_s, v_s, ld, lse_s, delta_s, p_s, ds_s);
       __syncthreads();
 #pragma unroll
       for (int u = 0; u < kMaxD / kLanes; ++u) {
@@ -319,13 +330,13 @@ __global__ void __launch_bounds__(kThreads)
   for (int u = 0; u < kMaxD / kLanes; ++u)
     dq_acc[u] = 0.0f;
   const std::int64_t key_end = min(g.seq, i0 + kRows);
-  for (std::int64_t j0 = g.first_key(i0) / kCols * kCols; j0 < key_end; j0 += kCols) {
+  for (std::int64_t j0 = g.first_key(b, i0) / kCols * kCols; j0 < key_end; j0 += kCols) {
     const int k_rows = static_cast<int>(min(std::int64_t{kCols}, g.seq - j0));
     __syncthreads();
     load_tile(k_s, ld, k + g.kv_offset(b, j0, kv_head), g.kv_heads * g.dim, g.dim, kCols, k_rows);
     load_tile(v_s, ld, v + g.kv_offset(b, j0, kv_head), g.kv_heads * g.dim, g.dim, kCols, k_rows);
     __syncthreads();
-    probabilities_and_dscores(g, i0, j0, q_s, do_s, k_s, v_s, ld, lse_s, delta_s, nullptr, ds_s);
+    probabilities_and_dscores(g, b, i0, j0, q_s, do_s, k_s, v_s, ld, lse_s, delta_s, nullptr, ds_s);
     __syncwarp();  // a row's dS values come from the lanes of its own warp
 #pragma unroll
     for (int u = 0; u < kMaxD / kLanes; ++u) {
@@ -518,7 +529,7 @@ __global__ void __launch_bounds__(kTcThreads)
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.0f, 0.0f};
   const std::int64_t key_end = min(g.seq, i0 + kTcRows);
-  for (std::int64_t j0 = g.first_key(i0) / kTcRows * kTcRows; j0 < key_end; j0 += kTcRows) {
+  for (std::int64_t j0 = g.first_key(b, i0) / kTcRows * kTcRows; j0 < key_end; j0 += kTcRows) {
     const int valid = static_cast<int>(min(std::int64_t{kTcRows}, g.seq - j0));
     __syncthreads();  // the previous tile is consumed
     load_rows<kDim>(k_s, k + g.kv_offset(b, j0, kv_head), kv_stride, valid);
@@ -531,7 +542,7 @@ __global__ void __launch_bounds__(kTcThreads)
     for (int n = 0; n < 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const bool visible = g.sees(i0 + warp_row + acc_row(e), j0 + acc_col(n, e));
+        const bool visible = g.sees(b, i0 + warp_row + acc_row(e), j0 + acc_col(n, e));
         s[n][e] = visible ? s[n][e] * g.scale : -INFINITY;
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
       }
@@ -616,6 +627,8 @@ __global__ void __launch_bounds__(kTcThreads)
   const std::int64_t query_end = g.last_query(min(g.seq, j0 + kTcRows) - 1) + 1;
   for (std::int64_t h = kv_head * g.group; h < (kv_head + 1) * g.group; ++h) {
     for (std::int64_t i0 = j0; i0 < query_end; i0 += kTcRows) {
+      // Later queries start their documents after this key tile too (uniform over the block).
+      if (g.first_key(b, i0) >= j0 + kTcRows) break;
       const int queries = static_cast<int>(min(std::int64_t{kTcRows}, g.seq - i0));
       __syncthreads();  // the previous query tile is consumed
       load_rows<kDim>(q_s, q + g.q_offset(b, i0, h), q_stride, queries);
@@ -636,7 +649,7 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int query = acc_col(n, e);
-          const bool visible = g.sees(i0 + query, j0 + warp_row + acc_row(e));
+          const bool visible = g.sees(b, i0 + query, j0 + warp_row + acc_row(e));
           p[n][e] = visible ? expf(p[n][e] * g.scale - lse_s[query]) : 0.0f;
         }
       }
@@ -703,7 +716,7 @@ __global__ void __launch_bounds__(kTcThreads)
   for (int n = 0; n < kDim / 8; ++n)
     dq_acc[n][0] = dq_acc[n][1] = dq_acc[n][2] = dq_acc[n][3] = 0.0f;
   const std::int64_t key_end = min(g.seq, i0 + kTcRows);
-  for (std::int64_t j0 = g.first_key(i0) / kTcRows * kTcRows; j0 < key_end; j0 += kTcRows) {
+  for (std::int64_t j0 = g.first_key(b, i0) / kTcRows * kTcRows; j0 < key_end; j0 += kTcRows) {
     const int keys = static_cast<int>(min(std::int64_t{kTcRows}, g.seq - j0));
     __syncthreads();
     load_rows<kDim>(k_s, k + g.kv_offset(b, j0, kv_head), kv_stride, keys);
@@ -717,7 +730,7 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = warp_row + acc_row(e);
-        const bool visible = g.sees(i0 + row, j0 + acc_col(n, e));
+        const bool visible = g.sees(b, i0 + row, j0 + acc_col(n, e));
         p[n][e] = visible ? expf(p[n][e] * g.scale - lse_s[row]) : 0.0f;
       }
     }
@@ -799,7 +812,7 @@ void require_shape(const Tensor& t, DType dtype, std::initializer_list<std::int6
 }
 
 Geometry geometry(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
-                  std::int64_t window) {
+                  const Tensor& positions, std::int64_t window) {
   require_float(q, op, "q");
   if (q.rank != 4)
     fail(op, "q has shape " + shape_string(q) + ", expected [batch, seq, heads, head_dim]");
@@ -820,6 +833,10 @@ Geometry geometry(const char* op, const Tensor& q, const Tensor& k, const Tensor
   require_shape(v, q.dtype, {g.batch, g.seq, g.kv_heads, g.dim}, op, "v");
   require(g.batch <= 65535 && g.heads <= 65535, op, "batch or heads above 65535");
   g.group = g.heads / g.kv_heads;
+  if (positions.data) {
+    require_shape(positions, DType::I32, {g.batch, g.seq}, op, "positions");
+    g.positions = positions.as<std::int32_t>();
+  }
   // As transformers: head_dim^-0.5 rounded to float32.
   g.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(g.dim)));
   return g;
@@ -850,10 +867,10 @@ void allow_shared(Kernel kernel, std::size_t bytes, std::size_t limit, const cha
 
 }  // namespace
 
-void CudaBackend::own_attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window,
-                                        Tensor out, Tensor lse) {
+void CudaBackend::own_attention_forward(Tensor q, Tensor k, Tensor v, Tensor positions,
+                                        std::int64_t window, Tensor out, Tensor lse) {
   const char* op = "attention_forward";
-  const Geometry g = geometry(op, q, k, v, window);
+  const Geometry g = geometry(op, q, k, v, positions, window);
   require_shape(out, q.dtype, {g.batch, g.seq, g.heads, g.dim}, op, "out");
   require_shape(lse, DType::F32, {g.batch, g.heads, g.seq}, op, "lse");
   if (q.numel() == 0) return;
@@ -883,10 +900,10 @@ void CudaBackend::own_attention_forward(Tensor q, Tensor k, Tensor v, std::int64
 }
 
 void CudaBackend::own_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
-                                         Tensor dout, std::int64_t window, Tensor dq, Tensor dk,
-                                         Tensor dv) {
+                                         Tensor dout, Tensor positions, std::int64_t window,
+                                         Tensor dq, Tensor dk, Tensor dv) {
   const char* op = "attention_backward";
-  const Geometry g = geometry(op, q, k, v, window);
+  const Geometry g = geometry(op, q, k, v, positions, window);
   require_shape(out, q.dtype, {g.batch, g.seq, g.heads, g.dim}, op, "out");
   require_shape(dout, q.dtype, {g.batch, g.seq, g.heads, g.dim}, op, "dout");
   require_shape(dq, q.dtype, {g.batch, g.seq, g.heads, g.dim}, op, "dq");

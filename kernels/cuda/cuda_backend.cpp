@@ -124,19 +124,31 @@ void CudaBackend::copy_to_host(void* dst, Tensor src) {
   FASTLLM_CUDA_CHECK(
       cudaMemcpyAsync(dst, src.data, src.bytes(), cudaMemcpyDeviceToHost, stream_.get()));
   FASTLLM_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+  raise_index_errors();
 }
 
 void CudaBackend::synchronize() {
   FASTLLM_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+  raise_index_errors();
 }
 
 void CudaBackend::check_flag(const char* op, const char* what) {
-  FASTLLM_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+  // A bounded list: a step checks a few ops per layer between two waits.
+  constexpr std::size_t kMostListed = 64;
+  if (unchecked_.size() < kMostListed) unchecked_.push_back(std::string(op) + ": " + what);
+}
+
+void CudaBackend::raise_index_errors() {
+  if (unchecked_.empty()) return;
+  std::vector<std::string> checked;
+  checked.swap(unchecked_);
   volatile int* flag = index_flag();
-  if (*flag != 0) {
-    *flag = 0;
-    fail(op, what);
-  }
+  if (*flag == 0) return;
+  *flag = 0;
+  std::string ops;
+  for (const std::string& c : checked)
+    ops += (ops.empty() ? "" : "; ") + c;
+  fail("index check", "an index was out of range in one of: " + ops);
 }
 
 const float* CudaBackend::rope_table(double theta, std::int64_t seq, std::int64_t dim,

@@ -80,11 +80,17 @@ class CudaBackend final : public Backend {
                           Tensor dweight, Tensor dbias) override;
 
   void rope(Tensor x, double theta, bool inverse) override;
+  void rope_positions(Tensor x, Tensor positions, double theta, bool inverse) override;
 
   void attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
                          Tensor lse) override;
   void attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout,
                           std::int64_t window, Tensor dq, Tensor dk, Tensor dv) override;
+  void document_attention_forward(Tensor q, Tensor k, Tensor v, Tensor positions,
+                                  std::int64_t window, Tensor out, Tensor lse) override;
+  void document_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                   Tensor dout, Tensor positions, std::int64_t window, Tensor dq,
+                                   Tensor dk, Tensor dv) override;
 
   void activation_forward(Activation kind, Tensor x, Tensor y) override;
   void activation_backward(Activation kind, Tensor x, Tensor dy, Tensor dx) override;
@@ -112,6 +118,15 @@ class CudaBackend final : public Backend {
   void scatter_add_rows(Tensor src, Tensor index, Tensor weight, Tensor dst) override;
   void scale_rows(Tensor y, Tensor weight) override;
   void dot_rows_gathered(Tensor a, Tensor b, Tensor index, Tensor out) override;
+  void moe_permute_offsets(Tensor topk_index, int experts, Tensor sorted_token, Tensor sorted_slot,
+                           Tensor offsets) override;
+  void grouped_linear_forward(Tensor x, const std::vector<Tensor>& weights,
+                              const std::vector<Tensor>& biases, Tensor offsets, Tensor y) override;
+  void grouped_linear_backward_data(Tensor dy, const std::vector<Tensor>& weights, Tensor offsets,
+                                    float beta, Tensor dx) override;
+  void grouped_linear_backward_weight(Tensor x, Tensor dy, Tensor offsets,
+                                      const std::vector<Tensor>& dweights,
+                                      const std::vector<Tensor>& dbiases) override;
 
   void adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr, float beta1,
              float beta2, float eps, float weight_decay, std::int64_t step,
@@ -136,19 +151,22 @@ class CudaBackend final : public Backend {
   // Device memory for one op's intermediates; released to the cache when the Buffer goes, which
   // is safe because later work runs after the op on the same stream.
   Buffer scratch(std::size_t bytes) { return allocator_->allocate(bytes); }
-  // A flag kernels set (to any non-zero value) when an index is out of range; check_flag waits
-  // for the stream and throws invalid_argument naming op and what when it was set.
+  // A flag kernels set (to any non-zero value) when an index is out of range. check_flag records
+  // the op without waiting: the flag is read at the next point where the host waits for the
+  // stream anyway (copy_to_host, synchronize), so that an MoE layer makes no round trip, and an
+  // invalid_argument then names every op checked since the last such point.
   int* index_flag() const { return static_cast<int*>(flag_.get()); }
   void check_flag(const char* op, const char* what);
   // Device cos/sin tables [seq, dim / 2] of the rotary embedding, built as the host backend does.
   const float* rope_table(double theta, std::int64_t seq, std::int64_t dim, bool want_sin);
 
  private:
-  // fastllm's own attention kernels (attention.cu).
-  void own_attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
-                             Tensor lse);
+  // fastllm's own attention kernels (attention.cu); positions as document_attention_*, or empty.
+  void own_attention_forward(Tensor q, Tensor k, Tensor v, Tensor positions, std::int64_t window,
+                             Tensor out, Tensor lse);
   void own_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout,
-                              std::int64_t window, Tensor dq, Tensor dk, Tensor dv);
+                              Tensor positions, std::int64_t window, Tensor dq, Tensor dk,
+                              Tensor dv);
   // cuDNN's fused SDPA when chosen and it takes the case (bf16 tensors of consistent shapes, a
   // graph cuDNN supports); false: the caller runs the own kernel.
   bool cudnn_attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
@@ -174,6 +192,9 @@ class CudaBackend final : public Backend {
   std::unique_ptr<CUstream_st, StreamDeleter> stream_;
   std::unique_ptr<cublasLtContext, LtHandleDeleter> lt_;
   std::unique_ptr<void, PinnedDeleter> flag_;
+  std::vector<std::string> unchecked_;  // the ops whose index flag is not read yet
+  // After the stream was synchronised: throws when an index check of unchecked_ failed.
+  void raise_index_errors();
   Buffer gemm_workspace_;
   // Transpositions, m, n, k, dtypes of a, b, c and their pointers' alignments.
   using GemmKey =

@@ -311,7 +311,7 @@ void CudaBackend::attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t w
     ++cudnn_attention_calls_;
     return;
   }
-  own_attention_forward(q, k, v, window, out, lse);
+  own_attention_forward(q, k, v, Tensor(), window, out, lse);
   ++own_attention_calls_;
 }
 
@@ -322,7 +322,25 @@ void CudaBackend::attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, T
     ++cudnn_attention_calls_;
     return;
   }
-  own_attention_backward(q, k, v, out, lse, dout, window, dq, dk, dv);
+  own_attention_backward(q, k, v, out, lse, dout, Tensor(), window, dq, dk, dv);
+  ++own_attention_calls_;
+}
+
+// Packed documents run on the own kernel, whatever --attention_kernel says (counted with its calls
+// in cuda_kernel_stats). cuDNN's variable-length SDPA (ragged offsets and per-sequence lengths)
+// could take each document as a sequence of its own, but it needs the document boundaries on the
+// host at every call and keeps its statistics per document rather than in the [batch, heads, seq]
+// layout this op's lse has; the own kernel takes the positions on the device as they are.
+void CudaBackend::document_attention_forward(Tensor q, Tensor k, Tensor v, Tensor positions,
+                                             std::int64_t window, Tensor out, Tensor lse) {
+  own_attention_forward(q, k, v, positions, window, out, lse);
+  ++own_attention_calls_;
+}
+
+void CudaBackend::document_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                              Tensor dout, Tensor positions, std::int64_t window,
+                                              Tensor dq, Tensor dk, Tensor dv) {
+  own_attention_backward(q, k, v, out, lse, dout, positions, window, dq, dk, dv);
   ++own_attention_calls_;
 }
 

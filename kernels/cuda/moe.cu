@@ -186,6 +186,37 @@ __global__ void dot_rows_gathered_kernel(const T* a, const T* b, std::int64_t b_
   }
 }
 
+// Sorted position i (of the slots sorted by expert, stable): the slot it came from and that
+// slot's token; an expert index outside [0, experts) raises the flag.
+__global__ void permute_outputs_kernel(const std::int32_t* keys, const std::int32_t* order,
+                                       std::int64_t slots, std::int64_t top_k, int experts,
+                                       std::int32_t* sorted_slot, std::int32_t* sorted_token,
+                                       int* flag) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < slots;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    if (keys[i] < 0 || keys[i] >= experts) *flag = 1;
+    sorted_slot[i] = order[i];
+    sorted_token[i] = static_cast<std::int32_t>(order[i] / top_k);
+  }
+}
+
+// offsets[e] for e in [0, experts]: the first sorted position whose expert is >= e.
+__global__ void run_offsets_kernel(const std::int32_t* keys, std::int64_t slots, int experts,
+                                   std::int32_t* offsets) {
+  const int e = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (e > experts) return;
+  std::int64_t lo = 0, hi = slots;
+  while (lo < hi) {
+    const std::int64_t mid = (lo + hi) / 2;
+    if (keys[mid] < e) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  offsets[e] = static_cast<std::int32_t>(lo);
+}
+
 }  // namespace
 
 void CudaBackend::router_forward(Tensor logits, int top_k, Tensor probs, Tensor topk_index,
@@ -290,6 +321,38 @@ std::vector<std::int64_t> CudaBackend::moe_permute(Tensor topk_index, int expert
   copy_from_host(sorted_slot, slot_order.data());
   copy_from_host(sorted_token, tokens.data());
   return offsets;
+}
+
+// The sort runs on the device (a stable radix sort of the expert indices) and the offsets stay
+// there: the only wait is the index check, as in the row ops around it.
+void CudaBackend::moe_permute_offsets(Tensor topk_index, int experts, Tensor sorted_token,
+                                      Tensor sorted_slot, Tensor offsets) {
+  const char* op = "moe_permute_offsets";
+  require_dtype(topk_index, DType::I32, op, "topk_index");
+  require_dtype(sorted_token, DType::I32, op, "sorted_token");
+  require_dtype(sorted_slot, DType::I32, op, "sorted_slot");
+  require_dtype(offsets, DType::I32, op, "offsets");
+  require(experts >= 1, op, "experts must be positive");
+  const std::int64_t slots = topk_index.numel();
+  const std::int64_t top_k = row_width(topk_index);
+  require(top_k > 0 || slots == 0, op, "topk_index has no columns");
+  require_numel(sorted_token, slots, op, "sorted_token");
+  require_numel(sorted_slot, slots, op, "sorted_slot");
+  require_numel(offsets, static_cast<std::int64_t>(experts) + 1, op, "offsets");
+  if (slots == 0) {
+    fill(offsets, 0.0f);
+    return;
+  }
+  const SortedIndex sorted = sort_by_index(*this, topk_index.as<std::int32_t>(), slots);
+  const auto* keys = static_cast<const std::int32_t*>(sorted.keys.data());
+  permute_outputs_kernel<<<grid_for(slots, kThreads), kThreads, 0, stream()>>>(
+      keys, static_cast<const std::int32_t*>(sorted.order.data()), slots, top_k, experts,
+      sorted_slot.as<std::int32_t>(), sorted_token.as<std::int32_t>(), index_flag());
+  FASTLLM_CUDA_LAUNCHED();
+  run_offsets_kernel<<<grid_for(experts + 1, kThreads), kThreads, 0, stream()>>>(
+      keys, slots, experts, offsets.as<std::int32_t>());
+  FASTLLM_CUDA_LAUNCHED();
+  check_flag(op, "an expert index is outside [0, experts)");
 }
 
 void CudaBackend::gather_rows(Tensor src, Tensor index, Tensor dst) {

@@ -2,6 +2,9 @@
 // [tile rows x key block] piece at a time per thread, the forward keeps an online softmax, and the
 // backward recomputes the probabilities from the saved log-sum-exp.
 //
+// Packed documents (positions given) narrow each query's keys to its own document's; key blocks
+// that no query of a tile sees are skipped, forward and backward.
+//
 // A tile packs the queries of the `group` heads that share one KV head, for a run of positions, as
 // the rows of one matrix (row r = (position - first position) * group + head in group): every GEMM
 // against that KV head's keys then serves the whole group, and K/V are never repeated.
@@ -94,13 +97,17 @@ void gradient_step(float* scores, float* dscores, std::int64_t n, std::int64_t r
 struct Geometry {
   std::int64_t batch = 0, seq = 0, heads = 0, kv_heads = 0, dim = 0, group = 0, window = 0;
   float scale = 0;
+  const std::int32_t* positions = nullptr;  // [batch, seq] positions in documents, or none
 
   std::int64_t kv_stride() const { return kv_heads * dim; }  // between positions of k, v
   std::int64_t tile_positions() const { return std::max<std::int64_t>(1, kTileRows / group); }
   std::int64_t tiles() const { return (seq + tile_positions() - 1) / tile_positions(); }
   std::int64_t max_rows() const { return std::min(tile_positions(), seq) * group; }
-  std::int64_t first_key(std::int64_t query) const {
-    return window > 0 ? std::max<std::int64_t>(0, query - window + 1) : 0;
+  // Non-decreasing in query (documents are contiguous), so a tile's first query has the tile's
+  // first key.
+  std::int64_t first_key(std::int64_t b, std::int64_t query) const {
+    const std::int64_t first = window > 0 ? std::max<std::int64_t>(0, query - window + 1) : 0;
+    return positions ? std::max<std::int64_t>(first, query - positions[b * seq + query]) : first;
   }
   std::int64_t last_query(std::int64_t key) const {
     return window > 0 ? std::min(seq - 1, key + window - 1) : seq - 1;
@@ -135,6 +142,27 @@ void require_shape(const Tensor& t, std::initializer_list<std::int64_t> shape, c
     host::fail(op, std::string(name) + " has shape " + shape_string(t) + ", expected " +
                        shape_string(expected));
   }
+}
+
+// Each row's positions restart at 0 where a document starts and count up by one within it.
+void check_positions(const char* op, const Tensor& positions, Geometry& g) {
+  if (!positions.data) return;
+  host::require_dtype(positions, DType::I32, op, "positions");
+  if (positions.rank != 2 || positions.dims[0] != g.batch || positions.dims[1] != g.seq)
+    host::fail(op, "positions has shape " + shape_string(positions) + ", expected [" +
+                       std::to_string(g.batch) + ", " + std::to_string(g.seq) + "]");
+  const std::int32_t* p = positions.as<std::int32_t>();
+  for (std::int64_t b = 0; b < g.batch; ++b) {
+    for (std::int64_t i = 0; i < g.seq; ++i) {
+      const std::int64_t value = p[b * g.seq + i];
+      const std::int64_t previous = i > 0 ? p[b * g.seq + i - 1] : -1;
+      if (value != 0 && value != previous + 1)
+        host::fail(op, "positions[" + std::to_string(b) + ", " + std::to_string(i) + "] is " +
+                           std::to_string(value) + ", expected 0 (a document starts) or " +
+                           std::to_string(previous + 1));
+    }
+  }
+  g.positions = p;
 }
 
 Geometry geometry(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -205,15 +233,18 @@ void unpack(const Geometry& g, const float* src, const Tile& t, float* dst) {
 }
 
 // For each tile row, the keys [lo, hi) of the block [j0, j0 + n) its query sees, relative to j0;
-// lo >= hi when it sees none.
-void visible_keys(const Geometry& g, const Tile& t, std::int64_t j0, std::int64_t n,
+// lo >= hi when it sees none. Returns whether any row sees a key of the block.
+bool visible_keys(const Geometry& g, const Tile& t, std::int64_t j0, std::int64_t n,
                   Workspace& ws) {
+  bool any = false;
   for (std::int64_t r = 0; r < t.rows(g); ++r) {
     const std::int64_t position = t.position(g, r);
     ws.lo[r] =
-        static_cast<std::int32_t>(std::clamp<std::int64_t>(g.first_key(position) - j0, 0, n));
+        static_cast<std::int32_t>(std::clamp<std::int64_t>(g.first_key(t.b, position) - j0, 0, n));
     ws.hi[r] = static_cast<std::int32_t>(std::clamp<std::int64_t>(position + 1 - j0, 0, n));
+    any = any || ws.lo[r] < ws.hi[r];
   }
+  return any;
 }
 
 void zero_kv_rows(const Geometry& g, float* dst, std::int64_t b, std::int64_t kv_head,
@@ -236,14 +267,14 @@ void forward_tile(const Geometry& g, const Inputs& in, const Tile& t, Workspace&
   std::fill_n(ws.acc.data(), rows * d, 0.0f);
   std::fill_n(ws.row_max.data(), rows, -std::numeric_limits<float>::infinity());
   std::fill_n(ws.row_sum.data(), rows, 0.0f);
-  for (std::int64_t j0 = g.first_key(t.p0); j0 < t.p1; j0 += kKeyBlock) {
+  for (std::int64_t j0 = g.first_key(t.b, t.p0); j0 < t.p1; j0 += kKeyBlock) {
     const std::int64_t n = std::min(kKeyBlock, t.p1 - j0);
+    if (!visible_keys(g, t, j0, n, ws)) continue;
     float* s = ws.scores.data();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows),
                 static_cast<int>(n), static_cast<int>(d), g.scale, ws.q.data(), static_cast<int>(d),
                 in.k + g.kv_offset(t.b, j0, t.kv_head), static_cast<int>(g.kv_stride()), 0.0f, s,
                 static_cast<int>(n));
-    visible_keys(g, t, j0, n, ws);
     softmax_step(s, n, rows, ws.lo.data(), ws.hi.data(), ws.row_max.data(), ws.row_sum.data(),
                  ws.acc.data(), d);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows),
@@ -294,9 +325,11 @@ void load_backward_tile(const Geometry& g, const Inputs& in, const Gradients& gr
 }
 
 // For the loaded tile against keys [j0, j0 + n): P = exp(S - lse) into ws.scores and
-// dS = P * (dP - D), dP = dout V^T, into ws.dscores; invisible entries are 0 in both.
-void probabilities_and_dscores(const Geometry& g, const Inputs& in, const Tile& t, std::int64_t j0,
+// dS = P * (dP - D), dP = dout V^T, into ws.dscores; invisible entries are 0 in both. Returns
+// false, computing nothing, when no query of the tile sees a key of the block.
+bool probabilities_and_dscores(const Geometry& g, const Inputs& in, const Tile& t, std::int64_t j0,
                                std::int64_t n, Workspace& ws) {
+  if (!visible_keys(g, t, j0, n, ws)) return false;
   const auto rows = static_cast<int>(t.rows(g));
   const auto keys = static_cast<int>(n);
   const auto d = static_cast<int>(g.dim);
@@ -306,9 +339,9 @@ void probabilities_and_dscores(const Geometry& g, const Inputs& in, const Tile& 
               in.k + offset, ld, 0.0f, ws.scores.data(), keys);
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d, 1.0f, ws.dout.data(), d,
               in.v + offset, ld, 0.0f, ws.dscores.data(), keys);
-  visible_keys(g, t, j0, n, ws);
   gradient_step(ws.scores.data(), ws.dscores.data(), n, rows, ws.lo.data(), ws.hi.data(),
                 ws.row_lse.data(), ws.row_delta.data());
+  return true;
 }
 
 // dV[j0, j0 + n) += P^T dout, dK[j0, j0 + n) += scale dS^T Q.
@@ -352,9 +385,9 @@ void backward_by_kv_head(const Geometry& g, const Inputs& in, const Gradients& g
         const Tile t{b, kv_head, p0, std::min(g.seq, p0 + g.tile_positions())};
         load_backward_tile(g, in, gr, t, ws);
         std::fill_n(ws.acc.data(), t.rows(g) * g.dim, 0.0f);
-        for (std::int64_t j0 = g.first_key(t.p0); j0 < t.p1; j0 += kKeyBlock) {
+        for (std::int64_t j0 = g.first_key(b, t.p0); j0 < t.p1; j0 += kKeyBlock) {
           const std::int64_t n = std::min(kKeyBlock, t.p1 - j0);
-          probabilities_and_dscores(g, in, t, j0, n, ws);
+          if (!probabilities_and_dscores(g, in, t, j0, n, ws)) continue;
           accumulate_dkdv(g, gr, t, j0, n, ws);
           accumulate_dq(g, in, t, j0, n, ws);
         }
@@ -383,9 +416,11 @@ void backward_two_passes(const Geometry& g, const Inputs& in, const Gradients& g
       zero_kv_rows(g, gr.dv, b, kv_head, j0, j0 + n);
       const std::int64_t query_end = g.last_query(j0 + n - 1) + 1;
       for (std::int64_t p0 = j0; p0 < query_end; p0 += g.tile_positions()) {
+        // Later queries start their documents after the block too.
+        if (g.first_key(b, p0) >= j0 + n) break;
         const Tile t{b, kv_head, p0, std::min(query_end, p0 + g.tile_positions())};
         load_backward_tile(g, in, gr, t, ws);
-        probabilities_and_dscores(g, in, t, j0, n, ws);
+        if (!probabilities_and_dscores(g, in, t, j0, n, ws)) continue;
         accumulate_dkdv(g, gr, t, j0, n, ws);
       }
     }
@@ -398,9 +433,9 @@ void backward_two_passes(const Geometry& g, const Inputs& in, const Gradients& g
       const Tile t{b, kv_head, p0, std::min(g.seq, p0 + g.tile_positions())};
       load_backward_tile(g, in, gr, t, ws);
       std::fill_n(ws.acc.data(), t.rows(g) * g.dim, 0.0f);
-      for (std::int64_t j0 = g.first_key(t.p0); j0 < t.p1; j0 += kKeyBlock) {
+      for (std::int64_t j0 = g.first_key(b, t.p0); j0 < t.p1; j0 += kKeyBlock) {
         const std::int64_t n = std::min(kKeyBlock, t.p1 - j0);
-        probabilities_and_dscores(g, in, t, j0, n, ws);
+        if (!probabilities_and_dscores(g, in, t, j0, n, ws)) continue;
         accumulate_dq(g, in, t, j0, n, ws);
       }
       unpack(g, ws.acc.data(), t, gr.dq);
@@ -412,8 +447,20 @@ void backward_two_passes(const Geometry& g, const Inputs& in, const Gradients& g
 
 void HostBackend::attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
                                     Tensor lse) {
+  document_attention_forward(q, k, v, Tensor(), window, out, lse);
+}
+
+void HostBackend::attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                     Tensor dout, std::int64_t window, Tensor dq, Tensor dk,
+                                     Tensor dv) {
+  document_attention_backward(q, k, v, out, lse, dout, Tensor(), window, dq, dk, dv);
+}
+
+void HostBackend::document_attention_forward(Tensor q, Tensor k, Tensor v, Tensor positions,
+                                             std::int64_t window, Tensor out, Tensor lse) {
   const char* op = "attention_forward";
-  const Geometry g = geometry(op, q, k, v, window);
+  Geometry g = geometry(op, q, k, v, window);
+  check_positions(op, positions, g);
   require_shape(out, {g.batch, g.seq, g.heads, g.dim}, op, "out");
   require_shape(lse, {g.batch, g.heads, g.seq}, op, "lse");
   if (q.numel() == 0) return;
@@ -436,11 +483,12 @@ void HostBackend::attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t w
   }
 }
 
-void HostBackend::attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
-                                     Tensor dout, std::int64_t window, Tensor dq, Tensor dk,
-                                     Tensor dv) {
+void HostBackend::document_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                              Tensor dout, Tensor positions, std::int64_t window,
+                                              Tensor dq, Tensor dk, Tensor dv) {
   const char* op = "attention_backward";
-  const Geometry g = geometry(op, q, k, v, window);
+  Geometry g = geometry(op, q, k, v, window);
+  check_positions(op, positions, g);
   require_shape(out, {g.batch, g.seq, g.heads, g.dim}, op, "out");
   require_shape(dout, {g.batch, g.seq, g.heads, g.dim}, op, "dout");
   require_shape(dq, {g.batch, g.seq, g.heads, g.dim}, op, "dq");

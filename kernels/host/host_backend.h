@@ -49,11 +49,17 @@ class HostBackend final : public Backend {
                           Tensor dweight, Tensor dbias) override;
 
   void rope(Tensor x, double theta, bool inverse) override;
+  void rope_positions(Tensor x, Tensor positions, double theta, bool inverse) override;
 
   void attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
                          Tensor lse) override;
   void attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout,
                           std::int64_t window, Tensor dq, Tensor dk, Tensor dv) override;
+  void document_attention_forward(Tensor q, Tensor k, Tensor v, Tensor positions,
+                                  std::int64_t window, Tensor out, Tensor lse) override;
+  void document_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                   Tensor dout, Tensor positions, std::int64_t window, Tensor dq,
+                                   Tensor dk, Tensor dv) override;
 
   void activation_forward(Activation kind, Tensor x, Tensor y) override;
   void activation_backward(Activation kind, Tensor x, Tensor dy, Tensor dx) override;
@@ -81,6 +87,15 @@ class HostBackend final : public Backend {
   void scatter_add_rows(Tensor src, Tensor index, Tensor weight, Tensor dst) override;
   void scale_rows(Tensor y, Tensor weight) override;
   void dot_rows_gathered(Tensor a, Tensor b, Tensor index, Tensor out) override;
+  void moe_permute_offsets(Tensor topk_index, int experts, Tensor sorted_token, Tensor sorted_slot,
+                           Tensor offsets) override;
+  void grouped_linear_forward(Tensor x, const std::vector<Tensor>& weights,
+                              const std::vector<Tensor>& biases, Tensor offsets, Tensor y) override;
+  void grouped_linear_backward_data(Tensor dy, const std::vector<Tensor>& weights, Tensor offsets,
+                                    float beta, Tensor dx) override;
+  void grouped_linear_backward_weight(Tensor x, Tensor dy, Tensor offsets,
+                                      const std::vector<Tensor>& dweights,
+                                      const std::vector<Tensor>& dbiases) override;
 
   void adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr, float beta1,
              float beta2, float eps, float weight_decay, std::int64_t step,

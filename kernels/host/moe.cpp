@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -184,6 +185,98 @@ std::vector<std::int64_t> HostBackend::moe_permute(Tensor topk_index, int expert
     token_out[at] = static_cast<std::int32_t>(i / top_k);
   }
   return offsets;
+}
+
+void HostBackend::moe_permute_offsets(Tensor topk_index, int experts, Tensor sorted_token,
+                                      Tensor sorted_slot, Tensor offsets) {
+  host::require_dtype(offsets, DType::I32, "moe_permute_offsets", "offsets");
+  host::require_numel(offsets, static_cast<std::int64_t>(experts) + 1, "moe_permute_offsets",
+                      "offsets");
+  const std::vector<std::int64_t> runs =
+      moe_permute(topk_index, experts, sorted_token, sorted_slot);
+  host::require(runs.back() <= INT32_MAX, "moe_permute_offsets", "more than 2^31 - 1 slots");
+  std::transform(runs.begin(), runs.end(), offsets.as<std::int32_t>(),
+                 [](std::int64_t v) { return static_cast<std::int32_t>(v); });
+}
+
+namespace {
+
+// The offsets of a grouped linear op, checked against the experts and the rows of the row tensors.
+const std::int32_t* grouped_offsets(Tensor offsets, std::size_t experts, std::int64_t rows,
+                                    const char* op) {
+  host::require_dtype(offsets, DType::I32, op, "offsets");
+  host::require(experts >= 1, op, "no experts' weights given");
+  host::require_numel(offsets, static_cast<std::int64_t>(experts) + 1, op, "offsets");
+  const std::int32_t* at = offsets.as<std::int32_t>();
+  if (at[0] != 0) host::fail(op, "offsets[0] is " + std::to_string(at[0]) + ", expected 0");
+  for (std::size_t e = 0; e < experts; ++e) {
+    if (at[e + 1] < at[e])
+      host::fail(op, "offsets decrease at expert " + std::to_string(e) + " (" +
+                         std::to_string(at[e]) + " then " + std::to_string(at[e + 1]) + ")");
+  }
+  if (at[experts] > rows)
+    host::fail(op, "offsets end at row " + std::to_string(at[experts]) + ", past the " +
+                       std::to_string(rows) + " rows");
+  return at;
+}
+
+void require_per_expert(const std::vector<Tensor>& list, std::size_t experts, const char* op,
+                        const char* what) {
+  if (!list.empty() && list.size() != experts)
+    host::fail(op, std::string(what) + " has " + std::to_string(list.size()) + " tensors for " +
+                       std::to_string(experts) + " experts");
+}
+
+}  // namespace
+
+// One GEMM per expert on its rows, the same calls the per-expert loop made, so the numbers are
+// those of that loop bit for bit.
+void HostBackend::grouped_linear_forward(Tensor x, const std::vector<Tensor>& weights,
+                                         const std::vector<Tensor>& biases, Tensor offsets,
+                                         Tensor y) {
+  const char* op = "grouped_linear_forward";
+  const std::size_t experts = weights.size();
+  const std::int32_t* at = grouped_offsets(offsets, experts, host::row_count(x), op);
+  require_per_expert(biases, experts, op, "biases");
+  const std::int64_t n = weights[0].size(0), k = weights[0].size(1);
+  for (std::size_t e = 0; e < experts; ++e) {
+    const std::int64_t begin = at[e], count = at[e + 1] - at[e];
+    if (count == 0) continue;
+    Tensor ye = y.rows(begin, count);
+    gemm(false, true, count, n, k, 1.0f, x.rows(begin, count), weights[e], 0.0f, ye);
+    if (!biases.empty() && !host::is_empty(biases[e])) add_bias(ye, biases[e]);
+  }
+}
+
+void HostBackend::grouped_linear_backward_data(Tensor dy, const std::vector<Tensor>& weights,
+                                               Tensor offsets, float beta, Tensor dx) {
+  const char* op = "grouped_linear_backward_data";
+  const std::size_t experts = weights.size();
+  const std::int32_t* at = grouped_offsets(offsets, experts, host::row_count(dy), op);
+  const std::int64_t n = weights[0].size(0), k = weights[0].size(1);
+  for (std::size_t e = 0; e < experts; ++e) {
+    const std::int64_t begin = at[e], count = at[e + 1] - at[e];
+    if (count == 0) continue;
+    gemm(false, false, count, k, n, 1.0f, dy.rows(begin, count), weights[e], beta,
+         dx.rows(begin, count));
+  }
+}
+
+void HostBackend::grouped_linear_backward_weight(Tensor x, Tensor dy, Tensor offsets,
+                                                 const std::vector<Tensor>& dweights,
+                                                 const std::vector<Tensor>& dbiases) {
+  const char* op = "grouped_linear_backward_weight";
+  const std::size_t experts = dweights.size();
+  const std::int32_t* at = grouped_offsets(offsets, experts, host::row_count(dy), op);
+  require_per_expert(dbiases, experts, op, "dbiases");
+  const std::int64_t n = dweights[0].size(0), k = dweights[0].size(1);
+  for (std::size_t e = 0; e < experts; ++e) {
+    const std::int64_t begin = at[e], count = at[e + 1] - at[e];
+    if (count == 0) continue;
+    const Tensor dye = dy.rows(begin, count);
+    gemm(true, false, n, k, count, 1.0f, dye, x.rows(begin, count), 1.0f, dweights[e]);
+    if (!dbiases.empty() && !host::is_empty(dbiases[e])) bias_backward(dye, dbiases[e]);
+  }
 }
 
 void HostBackend::gather_rows(Tensor src, Tensor index, Tensor dst) {

@@ -65,20 +65,26 @@ std::shared_ptr<const RopeTable> rope_table(double theta, std::int64_t seq, std:
   return table;
 }
 
-}  // namespace
-
-void HostBackend::rope(Tensor x, double theta, bool inverse) {
-  host::require_dtype(x, DType::F32, "rope", "x");
+// x[b, s] rotated to position positions[b * seq + s], or to s without positions.
+void rotate(const char* op, Tensor x, const std::int32_t* positions, double theta, bool inverse) {
+  host::require_dtype(x, DType::F32, op, "x");
   if (x.rank != 4)
-    host::fail("rope", "x has rank " + std::to_string(x.rank) +
-                           ", expected 4 [batch, seq, heads, head_dim]");
+    host::fail(
+        op, "x has rank " + std::to_string(x.rank) + ", expected 4 [batch, seq, heads, head_dim]");
   const std::int64_t batch = x.size(0);
   const std::int64_t seq = x.size(1);
   const std::int64_t heads = x.size(2);
   const std::int64_t dim = x.size(3);
-  if (dim % 2 != 0) host::fail("rope", "head_dim is " + std::to_string(dim) + ", expected even");
-  if (!(theta > 0.0)) host::fail("rope", "theta is " + std::to_string(theta) + ", expected > 0");
+  if (dim % 2 != 0) host::fail(op, "head_dim is " + std::to_string(dim) + ", expected even");
+  if (!(theta > 0.0)) host::fail(op, "theta is " + std::to_string(theta) + ", expected > 0");
   if (x.numel() == 0) return;
+  // A position is at most its index in the row, so the table of seq rows serves.
+  for (std::int64_t i = 0; positions && i < batch * seq; ++i) {
+    if (positions[i] < 0 || positions[i] > i % seq)
+      host::fail(op, "positions[" + std::to_string(i / seq) + ", " + std::to_string(i % seq) +
+                         "] is " + std::to_string(positions[i]) + ", expected 0 to " +
+                         std::to_string(i % seq));
+  }
 
   const auto table = rope_table(theta, seq, dim);
   const std::int64_t half = dim / 2;
@@ -88,7 +94,7 @@ void HostBackend::rope(Tensor x, double theta, bool inverse) {
   const std::int64_t rows = batch * seq;
 #pragma omp parallel for schedule(static) if (x.numel() > (1 << 14))
   for (std::int64_t row = 0; row < rows; ++row) {
-    const std::int64_t s = row % seq;
+    const std::int64_t s = positions ? positions[row] : row % seq;
     const float* c = table->cos.data() + s * half;
     const float* sn = table->sin.data() + s * half;
     for (std::int64_t h = 0; h < heads; ++h) {
@@ -105,6 +111,22 @@ void HostBackend::rope(Tensor x, double theta, bool inverse) {
       }
     }
   }
+}
+
+}  // namespace
+
+void HostBackend::rope(Tensor x, double theta, bool inverse) {
+  rotate("rope", x, nullptr, theta, inverse);
+}
+
+void HostBackend::rope_positions(Tensor x, Tensor positions, double theta, bool inverse) {
+  host::require_dtype(positions, DType::I32, "rope_positions", "positions");
+  if (positions.rank != 2 || x.rank != 4 || positions.dims[0] != x.dims[0] ||
+      positions.dims[1] != x.dims[1])
+    host::fail("rope_positions", "positions has " + std::to_string(positions.numel()) +
+                                     " elements in rank " + std::to_string(positions.rank) +
+                                     ", expected [batch, seq] of x");
+  rotate("rope_positions", x, positions.as<std::int32_t>(), theta, inverse);
 }
 
 }  // namespace fastllm

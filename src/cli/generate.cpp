@@ -181,7 +181,7 @@ int run_generate(const Args& args) {
   } else {
     CheckpointRanks ranks;
     ranks.world = mpi.world();
-    ranks.dp_rank = topo.dp_rank;
+    ranks.dp_rank = topo.at.dp;
     ranks.dp_size = layout.data_parallel;
     const TrainState state = load_checkpoint(path, model, nullptr, ranks);
     config.run = saved_run_settings(state.config_json);

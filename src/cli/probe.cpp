@@ -24,7 +24,51 @@ std::span<const std::byte> bytes_of(const void* data, std::size_t size) {
   return {static_cast<const std::byte*>(data), size};
 }
 
-// input_ids [batch, seq] from the probe input, checked against the model.
+// An optional integer tensor of the probe input with input_ids' shape [batch, seq], or empty.
+std::vector<std::int64_t> read_like_input_ids(const SafetensorsFile& file, const std::string& path,
+                                              const char* name, const MicroBatch& mb) {
+  const TensorInfo* info = file.find(name);
+  if (!info) return {};
+  if (info->dtype != SafetensorsDtype::I64 && info->dtype != SafetensorsDtype::I32)
+    throw UserError(path + ": " + name + " has dtype " + safetensors_dtype_name(info->dtype) +
+                    ", expected I64 (or I32)");
+  if (info->shape.size() != 2 || info->shape[0] != mb.batch || info->shape[1] != mb.seq)
+    throw UserError(path + ": " + name + " does not have input_ids' shape [" +
+                    std::to_string(mb.batch) + ", " + std::to_string(mb.seq) + "]");
+  return file.read_i64(name);
+}
+
+std::string element(const char* name, std::size_t i, std::int64_t seq) {
+  return std::string(name) + "[" + std::to_string(i / seq) + ", " + std::to_string(i % seq) + "]";
+}
+
+// position_ids as Hugging Face passes packed batches: each row counts 0, 1, ... from each
+// document's first token. Documents become attention boundaries with --cross_document_attention=0;
+// otherwise only 0..seq-1 (one document per row) is what the model computes.
+void read_position_ids(const SafetensorsFile& file, const std::string& path,
+                       const ModelConfig& model, MicroBatch& mb) {
+  const std::vector<std::int64_t> ids = read_like_input_ids(file, path, "position_ids", mb);
+  if (ids.empty()) return;
+  const bool across = model.run.cross_document_attention;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    const std::int64_t s = static_cast<std::int64_t>(i) % mb.seq;
+    const std::int64_t next = s == 0 ? 0 : ids[i - 1] + 1;
+    if (across && ids[i] != s)
+      throw UserError(path + ": " + element("position_ids", i, mb.seq) + " = " +
+                      std::to_string(ids[i]) + ", expected " + std::to_string(s) +
+                      ": with --cross_document_attention=1 every row is one document; pass "
+                      "--cross_document_attention=0 to start a document at each 0");
+    if (ids[i] != 0 && ids[i] != next)
+      throw UserError(path + ": " + element("position_ids", i, mb.seq) + " = " +
+                      std::to_string(ids[i]) + ", expected 0 (a document starts) or " +
+                      std::to_string(next));
+  }
+  if (!across) mb.positions.assign(ids.begin(), ids.end());
+}
+
+// input_ids [batch, seq] from the probe input, checked against the model, with the optional
+// position_ids and labels (Hugging Face's: labels[b, s] is predicted from the tokens before s,
+// -100 where nothing is predicted; without them the labels are input_ids).
 MicroBatch read_input(const std::string& path, const ModelConfig& model) {
   const SafetensorsFile file = SafetensorsFile::open(path);
   const TensorInfo* info = file.find("input_ids");
@@ -55,12 +99,26 @@ MicroBatch read_input(const std::string& path, const ModelConfig& model) {
                       " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
   }
   mb.input_ids.assign(ids.begin(), ids.end());
-  // Labels are the inputs shifted by one; the last position of each sequence predicts nothing.
-  mb.targets.assign(ids.size(), -1);
-  for (std::int64_t b = 0; b < mb.batch; ++b) {
-    for (std::int64_t s = 0; s + 1 < mb.seq; ++s)
-      mb.targets[b * mb.seq + s] = static_cast<std::int32_t>(ids[b * mb.seq + s + 1]);
+  read_position_ids(file, path, model, mb);
+  std::vector<std::int64_t> labels = read_like_input_ids(file, path, "labels", mb);
+  if (labels.empty()) labels = ids;
+  for (std::size_t i = 0; i < labels.size(); ++i) {
+    if (labels[i] != -100 && (labels[i] < 0 || labels[i] >= vocab))
+      throw UserError(path + ": " + element("labels", i, mb.seq) + " = " +
+                      std::to_string(labels[i]) + " is outside the vocabulary [0, " +
+                      std::to_string(vocab) + ") and not -100 (not predicted)");
   }
+  // Targets are the labels shifted by one; the last position of each sequence predicts nothing.
+  mb.targets.assign(ids.size(), -1);
+  std::int64_t predicted = 0;
+  for (std::int64_t b = 0; b < mb.batch; ++b) {
+    for (std::int64_t s = 0; s + 1 < mb.seq; ++s) {
+      const std::int64_t label = labels[b * mb.seq + s + 1];
+      mb.targets[b * mb.seq + s] = label < 0 ? -1 : static_cast<std::int32_t>(label);
+      predicted += label >= 0;
+    }
+  }
+  if (predicted == 0) throw UserError(path + ": labels leave no token to predict");
   return mb;
 }
 
@@ -177,10 +235,13 @@ int run_probe(const Args& args) {
   MicroBatch mb;
   mb.batch = whole.batch / dp;
   mb.seq = whole.seq;
-  mb.input_ids.assign(whole.input_ids.begin() + topo.dp_rank * tokens,
-                      whole.input_ids.begin() + (topo.dp_rank + 1) * tokens);
-  mb.targets.assign(whole.targets.begin() + topo.dp_rank * tokens,
-                    whole.targets.begin() + (topo.dp_rank + 1) * tokens);
+  mb.input_ids.assign(whole.input_ids.begin() + topo.at.dp * tokens,
+                      whole.input_ids.begin() + (topo.at.dp + 1) * tokens);
+  mb.targets.assign(whole.targets.begin() + topo.at.dp * tokens,
+                    whole.targets.begin() + (topo.at.dp + 1) * tokens);
+  if (!whole.positions.empty())
+    mb.positions.assign(whole.positions.begin() + topo.at.dp * tokens,
+                        whole.positions.begin() + (topo.at.dp + 1) * tokens);
 
   Model model(*backend, config.arch, config.run, model_partition(topo),
               parse_recompute(options.get_string("recompute")));
@@ -191,7 +252,8 @@ int run_probe(const Args& args) {
   }
   // The loss is the mean over all predicted tokens; the load-balancing loss is per micro-batch, so
   // with several data-parallel ranks it is the mean over their micro-batches.
-  const std::int64_t predicted = whole.batch * (whole.seq - 1);
+  const auto predicted = static_cast<std::int64_t>(
+      std::count_if(whole.targets.begin(), whole.targets.end(), [](auto t) { return t >= 0; }));
   const double coeff = config.arch.is_moe() ? config.run.moe_aux_loss_coeff : 0.0;
   Pipeline pipeline(model, layout.pipeline_parallel > 1 ? topo.pipeline.get() : nullptr);
   std::vector<std::vector<float>> logits;

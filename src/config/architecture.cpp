@@ -29,8 +29,8 @@ const char* const kArchitectureFlags[] = {"num_layers",
                                           "tie_word_embeddings",
                                           "num_experts",
                                           "num_experts_per_token"};
-const char* const kRunFlags[] = {"window_size", "moe_aux_loss_coeff", "moe_aux_loss_scope",
-                                 "max_sequence_length"};
+const char* const kRunFlags[] = {"window_size", "cross_document_attention", "moe_aux_loss_coeff",
+                                 "moe_aux_loss_scope", "max_sequence_length"};
 
 bool same_value(const FlagSpec& spec, const std::string& a, const std::string& b) {
   switch (spec.type) {
@@ -202,6 +202,7 @@ ModelConfig resolve_model(const Options& options) {
   r.window_size = integer("window_size");
   if (r.window_size < 0)
     throw UserError("--window_size=" + text("window_size") + ": expected >= 0 (0 = no window)");
+  r.cross_document_attention = flag("cross_document_attention");
   r.moe_aux_loss_coeff = number("moe_aux_loss_coeff");
   r.moe_aux_loss_global = text("moe_aux_loss_scope") == "global_batch";
   r.max_sequence_length = integer("max_sequence_length");

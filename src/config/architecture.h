@@ -49,6 +49,8 @@ std::string architecture_difference(const Architecture& a, const Architecture& b
 // Settings that change how the model is run but not its weights.
 struct RunSettings {
   std::int64_t window_size = 0;  // 0 = full causal attention
+  // false: attention and rotary positions restart at each document start of a packed row.
+  bool cross_document_attention = true;
   double moe_aux_loss_coeff = 0;
   // The load-balancing statistics summed over the data-parallel ranks before the loss is formed.
   bool moe_aux_loss_global = false;

@@ -73,6 +73,10 @@ const std::vector<FlagSpec> kModel = {
      "experts each token is routed to (HF num_experts_per_tok)"},
     {"window_size", T::Int, "0",
      "sliding attention window in tokens (HF sliding_window); 0 = full causal attention"},
+    {"cross_document_attention", T::Bool, "1",
+     "0: in rows packed with several documents, attention never crosses a document start and "
+     "rotary positions restart at 0 in each document (Megatron's --reset-attention-mask "
+     "--reset-position-ids); probe takes the documents from position_ids in --input"},
     {"moe_aux_loss_coeff", T::Float, "0.01",
      "weight of the MoE load-balancing loss (HF router_aux_loss_coef)"},
     {"moe_aux_loss_scope",
@@ -108,7 +112,10 @@ const std::vector<FlagSpec> kInspect = {
 };
 
 const std::vector<FlagSpec> kProbe = {
-    {"input", T::String, "", "safetensors file with input_ids (int64 [batch, seq])"},
+    {"input", T::String, "",
+     "safetensors file with input_ids (int64 [batch, seq]) and optionally position_ids and labels "
+     "of the same shape (Hugging Face's conventions: a 0 starts a document, -100 is not "
+     "predicted)"},
     {"output", T::String, "", "safetensors file to write logits, loss and gradients to"},
     {"seed", T::Int, "1234", "seed of the initial weights when none are loaded"},
 };

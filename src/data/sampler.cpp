@@ -448,10 +448,16 @@ std::shared_ptr<const DataSampler::Epoch> DataSampler::epoch(std::size_t source,
 
 void DataSampler::sample(std::int64_t index, std::span<std::int32_t> tokens,
                          std::span<std::int32_t> targets) const {
+  sample(index, tokens, targets, {});
+}
+
+void DataSampler::sample(std::int64_t index, std::span<std::int32_t> tokens,
+                         std::span<std::int32_t> targets, std::span<std::int32_t> positions) const {
   const std::int64_t seq = config_.sequence_length;
   if (static_cast<std::int64_t>(tokens.size()) != seq ||
-      static_cast<std::int64_t>(targets.size()) != seq) {
-    throw std::invalid_argument("DataSampler::sample: tokens and targets must hold " +
+      static_cast<std::int64_t>(targets.size()) != seq ||
+      (!positions.empty() && static_cast<std::int64_t>(positions.size()) != seq)) {
+    throw std::invalid_argument("DataSampler::sample: tokens, targets and positions must hold " +
                                 std::to_string(seq) + " values");
   }
   const auto [source, local] = locate(index);
@@ -476,6 +482,7 @@ void DataSampler::sample(std::int64_t index, std::span<std::int32_t> tokens,
       const auto i = static_cast<std::size_t>(t);
       tokens[i] = t < length ? window[i] : config_.pad_token;
       targets[i] = t + 1 < length ? window[i + 1] : -1;
+      if (!positions.empty()) positions[i] = static_cast<std::int32_t>(t);
     }
     return;
   }
@@ -491,6 +498,10 @@ void DataSampler::sample(std::int64_t index, std::span<std::int32_t> tokens,
         ds.sequence_length(sequence) - offset, static_cast<std::int64_t>(window.size() - filled));
     ds.read_tokens(ds.sequence_start(sequence) + offset,
                    std::span<std::int32_t>(window).subspan(filled, static_cast<std::size_t>(take)));
+    for (std::int64_t t = 0; t < take && !positions.empty(); ++t) {
+      const auto i = filled + static_cast<std::size_t>(t);
+      if (i < positions.size()) positions[i] = static_cast<std::int32_t>(t);
+    }
     filled += static_cast<std::size_t>(take);
     offset = 0;
     ++position;

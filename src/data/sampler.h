@@ -14,6 +14,8 @@
 //   (Megatron's one-token overlap). An epoch has (tokens - 1) / sequence_length samples; the tail
 //   of an epoch too short for a window is not used. With shuffle the windows of an epoch are also
 //   drawn in a seeded order.
+//   Each sample also gives every token's position in its document (document starts from the
+//   index), for attention that does not cross documents.
 // - Document mode: sample j of an epoch is one document (shuffled order or file order), truncated
 //   to sequence_length + 1 tokens or padded with pad_token; padded positions have target -1 (left
 //   out of the loss).
@@ -106,6 +108,13 @@ class DataSampler {
   // Thread-safe.
   void sample(std::int64_t index, std::span<std::int32_t> tokens,
               std::span<std::int32_t> targets) const;
+  // The same, with positions[t] = the position of token t in its document within the sample: 0
+  // where a document starts and at the sample's first token (a document cut by the sample's start
+  // counts from there, as Megatron's --reset-position-ids), the previous + 1 otherwise; what
+  // document-masked attention (--cross_document_attention=0) takes. A document-mode sample is one
+  // document, 0..sequence_length()-1.
+  void sample(std::int64_t index, std::span<std::int32_t> tokens, std::span<std::int32_t> targets,
+              std::span<std::int32_t> positions) const;
 
   struct SourceInfo {
     std::string prefix;

@@ -50,87 +50,13 @@ Generator::Generator(Model& model, const RunSettings& run, Communicator* stages)
     throw std::invalid_argument("Generator: a pipeline-parallel model needs its stage group");
   heads_ = arch_.num_attention_heads / layout.tensor_parallel;
   groups_ = layout.kv_heads_per_rank(arch_);
-  const LayerRange range = layout.stage_layers(arch_.num_layers, stage_);
-  layers_.resize(static_cast<std::size_t>(range.end - range.begin));
-  for (Layer& layer : layers_)
-    layer.mlps.resize(arch_.is_moe() ? static_cast<std::size_t>(arch_.num_experts) : 1);
-  for (const Parameter& p : model.parameters()) {
-    const Parameter* q = &p;
-    if (p.layer < 0) {
-      if (p.role == Role::Embedding) embedding_ = q;
-      if (p.role == Role::FinalNorm) final_norm_ = q;
-      if (p.role == Role::FinalNormBias) final_norm_bias_ = q;
-      if (p.role == Role::LmHead) lm_head_ = q;
-      continue;
-    }
-    Layer& layer = layers_[static_cast<std::size_t>(p.layer - range.begin)];
-    Mlp& mlp = layer.mlps[static_cast<std::size_t>(std::max<std::int64_t>(p.expert, 0))];
-    switch (p.role) {
-      case Role::Norm1:
-        layer.norm1 = q;
-        break;
-      case Role::Norm1Bias:
-        layer.norm1_bias = q;
-        break;
-      case Role::Q:
-        layer.q = q;
-        break;
-      case Role::QBias:
-        layer.q_bias = q;
-        break;
-      case Role::K:
-        layer.k = q;
-        break;
-      case Role::KBias:
-        layer.k_bias = q;
-        break;
-      case Role::V:
-        layer.v = q;
-        break;
-      case Role::VBias:
-        layer.v_bias = q;
-        break;
-      case Role::O:
-        layer.o = q;
-        break;
-      case Role::OBias:
-        layer.o_bias = q;
-        break;
-      case Role::Norm2:
-        layer.norm2 = q;
-        break;
-      case Role::Norm2Bias:
-        layer.norm2_bias = q;
-        break;
-      case Role::Router:
-        layer.router = q;
-        break;
-      case Role::Gate:
-        mlp.gate = q;
-        break;
-      case Role::GateBias:
-        mlp.gate_bias = q;
-        break;
-      case Role::Up:
-        mlp.up = q;
-        break;
-      case Role::UpBias:
-        mlp.up_bias = q;
-        break;
-      case Role::Down:
-        mlp.down = q;
-        break;
-      case Role::DownBias:
-        mlp.down_bias = q;
-        break;
-      default:
-        break;
-    }
-  }
-  // A tied LM head is the embedding, or on a later last stage its copy.
-  const bool last = stage_ == stage_count_ - 1;
-  if (last && !lm_head_) lm_head_ = embedding_;
-  if (stage_ != 0) embedding_ = nullptr;
+  StageWeights wired = wire_stage(arch_, partition_, model.parameters());
+  for (LayerWeights& weights : wired.layers)
+    layers_.push_back({std::move(weights), {}, {}});
+  embedding_ = wired.embedding;
+  final_norm_ = wired.final_norm;
+  final_norm_bias_ = wired.final_norm_bias;
+  lm_head_ = wired.lm_head;
 }
 
 DeviceArray Generator::allocate(DType dtype, std::initializer_list<std::int64_t> shape) {

@@ -11,6 +11,7 @@
 
 #include "kernels/communicator.h"
 #include "model/model.h"
+#include "model/stage_weights.h"
 
 namespace fastllm {
 
@@ -40,17 +41,8 @@ class Generator {
                                      const GenerationSettings& settings);
 
  private:
-  struct Mlp {
-    const Parameter *gate = nullptr, *up = nullptr, *down = nullptr;
-    const Parameter *gate_bias = nullptr, *up_bias = nullptr, *down_bias = nullptr;
-  };
-  struct Layer {
-    const Parameter *norm1 = nullptr, *norm1_bias = nullptr, *norm2 = nullptr,
-                    *norm2_bias = nullptr;
-    const Parameter *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
-    const Parameter *q_bias = nullptr, *k_bias = nullptr, *v_bias = nullptr, *o_bias = nullptr;
-    const Parameter* router = nullptr;
-    std::vector<Mlp> mlps;
+  using Mlp = MlpWeights;
+  struct Layer : LayerWeights {
     DeviceArray k_cache, v_cache;  // [1, capacity, kv heads of this rank, head_dim]
   };
 

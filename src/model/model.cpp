@@ -102,104 +102,19 @@ Model::Model(Backend& backend, const Architecture& arch, const RunSettings& run,
   }
   backend_.fill(padded_weights_, 0.0f);
 
-  // The blocks are wired by each parameter's role in the table.
-  const LayerRange stage = layout.stage_layers(arch.num_layers, partition.at.pp);
-  layers_.resize(static_cast<std::size_t>(stage.end - stage.begin));
-  for (Layer& layer : layers_)
-    layer.mlps.resize(arch.is_moe() ? static_cast<std::size_t>(arch.num_experts) : 1);
   for (Parameter& p : parameters_) {
     p.weight = shaped(static_cast<char*>(weights_buffer_.data()) + p.offset * dtype_size(dtype),
                       dtype, p.shape);
     p.grad = shaped(
         grads_buffer_.data() ? static_cast<float*>(grads_buffer_.data()) + p.offset : nullptr,
         DType::F32, p.shape);
-    const Parameter* q = &p;
-    if (p.layer < 0) {
-      switch (p.role) {
-        case Role::Embedding:  // or, on a later last stage, the tied embedding's copy
-          embedding_ = q;
-          break;
-        case Role::FinalNorm:
-          final_norm_ = q;
-          break;
-        case Role::FinalNormBias:
-          final_norm_bias_ = q;
-          break;
-        case Role::LmHead:
-          lm_head_ = q;
-          break;
-        default:
-          break;
-      }
-      continue;
-    }
-    Layer& layer = layers_[static_cast<std::size_t>(p.layer - stage.begin)];
-    Mlp& mlp = layer.mlps[static_cast<std::size_t>(std::max<std::int64_t>(p.expert, 0))];
-    switch (p.role) {
-      case Role::Norm1:
-        layer.norm1 = q;
-        break;
-      case Role::Norm1Bias:
-        layer.norm1_bias = q;
-        break;
-      case Role::Q:
-        layer.q = q;
-        break;
-      case Role::QBias:
-        layer.q_bias = q;
-        break;
-      case Role::K:
-        layer.k = q;
-        break;
-      case Role::KBias:
-        layer.k_bias = q;
-        break;
-      case Role::V:
-        layer.v = q;
-        break;
-      case Role::VBias:
-        layer.v_bias = q;
-        break;
-      case Role::O:
-        layer.o = q;
-        break;
-      case Role::OBias:
-        layer.o_bias = q;
-        break;
-      case Role::Norm2:
-        layer.norm2 = q;
-        break;
-      case Role::Norm2Bias:
-        layer.norm2_bias = q;
-        break;
-      case Role::Router:
-        layer.router = q;
-        break;
-      case Role::Gate:
-        mlp.gate = q;
-        break;
-      case Role::GateBias:
-        mlp.gate_bias = q;
-        break;
-      case Role::Up:
-        mlp.up = q;
-        break;
-      case Role::UpBias:
-        mlp.up_bias = q;
-        break;
-      case Role::Down:
-        mlp.down = q;
-        break;
-      case Role::DownBias:
-        mlp.down_bias = q;
-        break;
-      default:
-        break;
-    }
   }
-  // A tied LM head is the embedding, or on a later last stage its copy.
-  if (last_stage() && !lm_head_) lm_head_ = embedding_;
-  if (!first_stage()) embedding_ = nullptr;
+  StageWeights wired = wire_stage(arch, partition, parameters_);
+  layers_ = std::move(wired.layers);
+  embedding_ = wired.embedding;
+  final_norm_ = wired.final_norm;
+  final_norm_bias_ = wired.final_norm_bias;
+  lm_head_ = wired.lm_head;
   if (partition.gradient_buckets) make_buckets();
   zero_grads();
 }
@@ -404,7 +319,7 @@ void Model::linear_backward(Tensor x, const Parameter* weight, const Parameter* 
 // summed too.
 
 void Model::attention_forward(const Layer& layer, Tensor x, std::int64_t batch, std::int64_t seq,
-                              AttentionActivations& a) {
+                              Tensor positions, AttentionActivations& a) {
   const std::int64_t tokens = batch * seq, rows = x.size(0), h = arch_.hidden_size;
   const std::int64_t d = arch_.kv_channels, heads = heads_, groups = groups_;
   const DType dt = backend_.compute_dtype();
@@ -422,12 +337,19 @@ void Model::attention_forward(const Layer& layer, Tensor x, std::int64_t batch, 
   linear_forward(hw, layer.k, layer.k_bias, a.k.t);
   linear_forward(hw, layer.v, layer.v_bias, a.v.t);
   const Tensor q4 = a.q.t.view({batch, seq, heads, d}), k4 = a.k.t.view({batch, seq, groups, d});
-  backend_.rope(q4, theta, false);
-  backend_.rope(k4, theta, false);
   a.out = allocate(dt, {tokens, heads * d});
   a.lse = allocate(DType::F32, {batch, heads, seq});
-  backend_.attention_forward(q4, k4, a.v.t.view({batch, seq, groups, d}), run_.window_size,
-                             a.out.t.view({batch, seq, heads, d}), a.lse.t);
+  const Tensor v4 = a.v.t.view({batch, seq, groups, d});
+  const Tensor out4 = a.out.t.view({batch, seq, heads, d});
+  if (positions.data) {
+    backend_.rope_positions(q4, positions, theta, false);
+    backend_.rope_positions(k4, positions, theta, false);
+    backend_.document_attention_forward(q4, k4, v4, positions, run_.window_size, out4, a.lse.t);
+  } else {
+    backend_.rope(q4, theta, false);
+    backend_.rope(k4, theta, false);
+    backend_.attention_forward(q4, k4, v4, run_.window_size, out4, a.lse.t);
+  }
   DeviceArray partial = allocate(dt, {tokens, h});
   linear_forward(a.out.t, layer.o, row_parallel_bias(layer.o_bias), partial.t);
   a.y = reduce_rows(std::move(partial));
@@ -435,7 +357,7 @@ void Model::attention_forward(const Layer& layer, Tensor x, std::int64_t batch, 
 }
 
 void Model::attention_backward(const Layer& layer, Tensor x, std::int64_t batch, std::int64_t seq,
-                               AttentionActivations& a, Tensor dy) {
+                               Tensor positions, AttentionActivations& a, Tensor dy) {
   const std::int64_t tokens = batch * seq, rows = x.size(0), h = arch_.hidden_size;
   const std::int64_t d = arch_.kv_channels, heads = heads_, groups = groups_;
   const DType dt = backend_.compute_dtype();
@@ -447,14 +369,22 @@ void Model::attention_backward(const Layer& layer, Tensor x, std::int64_t batch,
   DeviceArray dk = allocate(dt, {tokens, groups * d});
   DeviceArray dv = allocate(dt, {tokens, groups * d});
   const Tensor dq4 = dq.t.view({batch, seq, heads, d}), dk4 = dk.t.view({batch, seq, groups, d});
-  backend_.attention_backward(
-      a.q.t.view({batch, seq, heads, d}), a.k.t.view({batch, seq, groups, d}),
-      a.v.t.view({batch, seq, groups, d}), a.out.t.view({batch, seq, heads, d}), a.lse.t,
-      dout.t.view({batch, seq, heads, d}), run_.window_size, dq4, dk4,
-      dv.t.view({batch, seq, groups, d}));
+  const Tensor q4 = a.q.t.view({batch, seq, heads, d}), k4 = a.k.t.view({batch, seq, groups, d});
+  const Tensor v4 = a.v.t.view({batch, seq, groups, d});
+  const Tensor out4 = a.out.t.view({batch, seq, heads, d});
+  const Tensor dout4 = dout.t.view({batch, seq, heads, d});
+  const Tensor dv4 = dv.t.view({batch, seq, groups, d});
   const double theta = arch_.rope_theta();
-  backend_.rope(dq4, theta, true);
-  backend_.rope(dk4, theta, true);
+  if (positions.data) {
+    backend_.document_attention_backward(q4, k4, v4, out4, a.lse.t, dout4, positions,
+                                         run_.window_size, dq4, dk4, dv4);
+    backend_.rope_positions(dq4, positions, theta, true);
+    backend_.rope_positions(dk4, positions, theta, true);
+  } else {
+    backend_.attention_backward(q4, k4, v4, out4, a.lse.t, dout4, run_.window_size, dq4, dk4, dv4);
+    backend_.rope(dq4, theta, true);
+    backend_.rope(dk4, theta, true);
+  }
   DeviceArray h_gathered;
   const Tensor hw = whole_rows(a.h.t, h_gathered);
   DeviceArray dh = allocate(dt, {tokens, h});
@@ -493,6 +423,68 @@ void Model::expert_backward(const Mlp& mlp, Tensor x, Tensor gate, Tensor up, Te
   } else {
     backend_.activation_backward(arch_.activation, up, act, up);
     linear_backward(x, mlp.up, mlp.up_bias, up, dx, 0.0f);
+  }
+}
+
+namespace {
+
+// One projection's weights (or gradients) of every expert; empty when the experts have none.
+template <class Mlp>
+std::vector<Tensor> per_expert(const std::vector<Mlp>& mlps, const Parameter* Mlp::*projection,
+                               bool gradients) {
+  std::vector<Tensor> out;
+  if (!(mlps[0].*projection)) return out;
+  out.reserve(mlps.size());
+  for (const Mlp& mlp : mlps)
+    out.push_back(gradients ? (mlp.*projection)->grad : (mlp.*projection)->weight);
+  return out;
+}
+
+}  // namespace
+
+void Model::expert_forward(const std::vector<Mlp>& mlps, Tensor offsets, Tensor x, Tensor gate,
+                           Tensor up, Tensor act, Tensor out) {
+  auto project = [&](const Parameter* Mlp::*weight, const Parameter* Mlp::*bias, bool biased,
+                     Tensor in, Tensor y) {
+    const std::vector<Tensor> biases =
+        biased ? per_expert(mlps, bias, false) : std::vector<Tensor>();
+    backend_.grouped_linear_forward(in, per_expert(mlps, weight, false), biases, offsets, y);
+  };
+  project(&Mlp::up, &Mlp::up_bias, true, x, up);
+  // The activation is elementwise: one call over all experts' rows gives each row's bits.
+  if (mlps[0].gate) {
+    project(&Mlp::gate, &Mlp::gate_bias, true, x, gate);
+    backend_.gated_forward(arch_.activation, gate, up, act);
+  } else {
+    backend_.activation_forward(arch_.activation, up, act);
+  }
+  // The down bias of a row-parallel projection is added on one rank only.
+  project(&Mlp::down, &Mlp::down_bias, row_parallel_bias(mlps[0].down_bias) != nullptr, act, out);
+}
+
+void Model::expert_backward(const std::vector<Mlp>& mlps, Tensor offsets, Tensor x, Tensor gate,
+                            Tensor up, Tensor act, Tensor dout, Tensor dx) {
+  if (act.size(0) == 0) return;
+  auto weight_grads = [&](const Parameter* Mlp::*weight, const Parameter* Mlp::*bias, Tensor in,
+                          Tensor dy) {
+    backend_.grouped_linear_backward_weight(in, dy, offsets, per_expert(mlps, weight, true),
+                                            per_expert(mlps, bias, true));
+  };
+  // Weight gradients before each input gradient, which overwrites act with d(act).
+  weight_grads(&Mlp::down, &Mlp::down_bias, act, dout);
+  backend_.grouped_linear_backward_data(dout, per_expert(mlps, &Mlp::down, false), offsets, 0.0f,
+                                        act);
+  if (mlps[0].gate) {
+    backend_.gated_backward(arch_.activation, gate, up, act, gate, up);
+  } else {
+    backend_.activation_backward(arch_.activation, up, act, up);
+  }
+  weight_grads(&Mlp::up, &Mlp::up_bias, x, up);
+  backend_.grouped_linear_backward_data(up, per_expert(mlps, &Mlp::up, false), offsets, 0.0f, dx);
+  if (mlps[0].gate) {
+    weight_grads(&Mlp::gate, &Mlp::gate_bias, x, gate);
+    backend_.grouped_linear_backward_data(gate, per_expert(mlps, &Mlp::gate, false), offsets, 1.0f,
+                                          dx);
   }
 }
 
@@ -557,8 +549,9 @@ void Model::moe_forward(const Layer& layer, Tensor x, MlpActivations& a, Tensor 
                                router_sums.rows(experts, experts));
   a.sorted_token = allocate(DType::I32, {slots});
   a.sorted_slot = allocate(DType::I32, {slots});
-  a.offsets = backend_.moe_permute(a.topk_index.t, static_cast<int>(experts), a.sorted_token.t,
-                                   a.sorted_slot.t);
+  a.offsets = allocate(DType::I32, {experts + 1});
+  backend_.moe_permute_offsets(a.topk_index.t, static_cast<int>(experts), a.sorted_token.t,
+                               a.sorted_slot.t, a.offsets.t);
   a.slot_weight = allocate(DType::F32, {slots, 1});
   backend_.gather_rows(a.topk_weight.t.view({slots, 1}), a.sorted_slot.t, a.slot_weight.t);
   a.rows_in = allocate(dt, {slots, h});
@@ -567,13 +560,7 @@ void Model::moe_forward(const Layer& layer, Tensor x, MlpActivations& a, Tensor 
   a.up = allocate(dt, {slots, f});
   a.act = allocate(dt, {slots, f});
   a.rows_out = allocate(dt, {slots, h});
-  for (std::int64_t e = 0; e < experts; ++e) {
-    const std::int64_t begin = a.offsets[e], count = a.offsets[e + 1] - begin;
-    if (count == 0) continue;
-    expert_forward(layer.mlps[e], a.rows_in.t.rows(begin, count), a.gate.t.rows(begin, count),
-                   a.up.t.rows(begin, count), a.act.t.rows(begin, count),
-                   a.rows_out.t.rows(begin, count));
-  }
+  expert_forward(layer.mlps, a.offsets.t, a.rows_in.t, a.gate.t, a.up.t, a.act.t, a.rows_out.t);
   DeviceArray partial = allocate(dt, {tokens, h});
   backend_.fill(partial.t, 0.0f);
   backend_.scatter_add_rows(a.rows_out.t, a.sorted_token.t, a.slot_weight.t.view({slots}),
@@ -597,13 +584,8 @@ void Model::moe_backward(const Layer& layer, Tensor x, MlpActivations& a, Tensor
   backend_.gather_rows(dyw, a.sorted_token.t, drows_out.t);
   backend_.scale_rows(drows_out.t, a.slot_weight.t.view({slots}));
   DeviceArray drows_in = allocate(dt, {slots, h});
-  for (std::int64_t e = 0; e < experts; ++e) {
-    const std::int64_t begin = a.offsets[e], count = a.offsets[e + 1] - begin;
-    if (count == 0) continue;
-    expert_backward(layer.mlps[e], a.rows_in.t.rows(begin, count), a.gate.t.rows(begin, count),
-                    a.up.t.rows(begin, count), a.act.t.rows(begin, count),
-                    drows_out.t.rows(begin, count), drows_in.t.rows(begin, count));
-  }
+  expert_backward(layer.mlps, a.offsets.t, a.rows_in.t, a.gate.t, a.up.t, a.act.t, drows_out.t,
+                  drows_in.t);
   DeviceArray dh = allocate(dt, {tokens, h});
   backend_.fill(dh.t, 0.0f);
   backend_.scatter_add_rows(drows_in.t, a.sorted_token.t, Tensor(), dh.t);
@@ -632,8 +614,8 @@ void Model::moe_backward(const Layer& layer, Tensor x, MlpActivations& a, Tensor
 // ---- a layer: attention, then the dense MLP or the experts ----
 
 void Model::layer_forward(const Layer& layer, Tensor x, std::int64_t batch, std::int64_t seq,
-                          LayerActivations& a, Tensor router_sums) {
-  attention_forward(layer, x, batch, seq, a.attention);
+                          Tensor positions, LayerActivations& a, Tensor router_sums) {
+  attention_forward(layer, x, batch, seq, positions, a.attention);
   if (layer.router) {
     moe_forward(layer, a.attention.y.t, a.mlp, router_sums);
   } else {
@@ -656,10 +638,10 @@ void Model::drop_recomputable(LayerActivations& a) {
 // Recomputes what drop_recomputable dropped with the kernels forward used, so the values are the
 // same bits.
 void Model::replay_dropped(const Layer& layer, Tensor x, std::int64_t batch, std::int64_t seq,
-                           LayerActivations& a) {
+                           Tensor positions, LayerActivations& a) {
   if (!a.attention.y.t.data) {
     a = {};
-    layer_forward(layer, x, batch, seq, a, Tensor());
+    layer_forward(layer, x, batch, seq, positions, a, Tensor());
     return;
   }
   if (a.attention.h.t.data) return;
@@ -668,34 +650,24 @@ void Model::replay_dropped(const Layer& layer, Tensor x, std::int64_t batch, std
   MlpActivations& m = a.mlp;
   m.h = norm_output(a.attention.y.t, layer.norm2, layer.norm2_bias, m.mean.t, m.rstd.t);
   m.act = allocate(backend_.compute_dtype(), {m.up.t.size(0), m.up.t.size(1)});
-  auto activate = [&](const Mlp& mlp, std::int64_t begin, std::int64_t count) {
-    if (mlp.gate) {
-      backend_.gated_forward(arch_.activation, m.gate.t.rows(begin, count),
-                             m.up.t.rows(begin, count), m.act.t.rows(begin, count));
-    } else {
-      backend_.activation_forward(arch_.activation, m.up.t.rows(begin, count),
-                                  m.act.t.rows(begin, count));
-    }
-  };
-  if (!layer.router) {
-    activate(layer.mlps[0], 0, m.up.t.size(0));
-    return;
-  }
-  for (std::size_t e = 0; e < layer.mlps.size(); ++e) {
-    const std::int64_t begin = m.offsets[e], count = m.offsets[e + 1] - begin;
-    if (count > 0) activate(layer.mlps[e], begin, count);
+  // The dense MLP's rows, or every expert's at once as the experts' forward activated them.
+  if (layer.mlps[0].gate) {
+    backend_.gated_forward(arch_.activation, m.gate.t, m.up.t, m.act.t);
+  } else {
+    backend_.activation_forward(arch_.activation, m.up.t, m.act.t);
   }
 }
 
 void Model::layer_backward(const Layer& layer, Tensor x, std::int64_t batch, std::int64_t seq,
-                           LayerActivations& a, Tensor dprob_per_expert, Tensor dy) {
-  replay_dropped(layer, x, batch, seq, a);
+                           Tensor positions, LayerActivations& a, Tensor dprob_per_expert,
+                           Tensor dy) {
+  replay_dropped(layer, x, batch, seq, positions, a);
   if (layer.router) {
     moe_backward(layer, a.attention.y.t, a.mlp, dprob_per_expert, dy);
   } else {
     mlp_backward(layer, a.attention.y.t, a.mlp, dy);
   }
-  attention_backward(layer, x, batch, seq, a.attention, dy);
+  attention_backward(layer, x, batch, seq, positions, a.attention, dy);
 }
 
 // ---- the ends of the model: the final norm and the LM head of this rank's vocabulary ----
@@ -782,13 +754,18 @@ std::unique_ptr<Model::ForwardState> Model::forward_stage(const MicroBatch& mb,
                                                           StageTensors input) {
   const std::int64_t tokens = mb.batch * mb.seq, h = arch_.hidden_size;
   if (static_cast<std::int64_t>(mb.input_ids.size()) != tokens ||
-      static_cast<std::int64_t>(mb.targets.size()) != tokens)
+      static_cast<std::int64_t>(mb.targets.size()) != tokens ||
+      (!mb.positions.empty() && static_cast<std::int64_t>(mb.positions.size()) != tokens))
     throw std::invalid_argument("Model::forward_stage: micro-batch sizes disagree");
 
   const std::int64_t local = partition_.layout.local_tokens(tokens);
   auto st = std::make_unique<ForwardState>();
   st->batch = mb.batch;
   st->seq = mb.seq;
+  if (!mb.positions.empty()) {
+    st->positions = allocate(DType::I32, {mb.batch, mb.seq});
+    backend_.copy_from_host(st->positions.t, mb.positions.data());
+  }
   if (first_stage()) {
     st->ids = allocate(DType::I32, {tokens});
     backend_.copy_from_host(st->ids.t, mb.input_ids.data());
@@ -809,7 +786,7 @@ std::unique_ptr<Model::ForwardState> Model::forward_stage(const MicroBatch& mb,
   st->layers.resize(layers_.size());
   for (std::size_t l = 0; l < layers_.size(); ++l) {
     layer_forward(layers_[l], l == 0 ? st->x0.t : st->layers[l - 1].mlp.y.t, mb.batch, mb.seq,
-                  st->layers[l], st->router.t);
+                  st->positions.t, st->layers[l], st->router.t);
     // The last layer's activations are used at once, by the head or the next stage.
     if (l + 1 < layers_.size() || !last_stage()) drop_recomputable(st->layers[l]);
   }
@@ -854,7 +831,8 @@ Model::StageTensors Model::backward_stage(std::unique_ptr<ForwardState> st, Stag
   auto layer_input = [&](std::size_t l) { return l == 0 ? st->x0.t : st->layers[l - 1].mlp.y.t; };
   for (std::size_t l = layers_.size(); l-- > 0;) {
     open_bucket(layers_[l].norm1);
-    layer_backward(layers_[l], layer_input(l), st->batch, st->seq, st->layers[l], dprob.t, dres.t);
+    layer_backward(layers_[l], layer_input(l), st->batch, st->seq, st->positions.t, st->layers[l],
+                   dprob.t, dres.t);
     close_bucket(layers_[l].norm1);
     st->layers[l] = {};
   }

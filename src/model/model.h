@@ -14,6 +14,7 @@
 #include "config/architecture.h"
 #include "kernels/backend.h"
 #include "model/parameters.h"
+#include "model/stage_weights.h"
 
 namespace fastllm {
 
@@ -55,6 +56,9 @@ struct MicroBatch {
   std::int64_t seq = 0;
   std::vector<std::int32_t> input_ids;  // [batch * seq]
   std::vector<std::int32_t> targets;    // [batch * seq]
+  // [batch * seq]: each token's position in its document (0 where a document starts), for
+  // document-masked attention over packed rows; empty: one document per row (positions 0..seq-1).
+  std::vector<std::int32_t> positions;
 };
 
 class Model {
@@ -140,19 +144,8 @@ class Model {
                               double aux_scale);
 
  private:
-  // A dense MLP, or one expert of an MoE layer. gate is null when the MLP is not gated.
-  struct Mlp {
-    const Parameter *gate = nullptr, *up = nullptr, *down = nullptr;
-    const Parameter *gate_bias = nullptr, *up_bias = nullptr, *down_bias = nullptr;
-  };
-  struct Layer {
-    const Parameter *norm1 = nullptr, *norm1_bias = nullptr, *norm2 = nullptr,
-                    *norm2_bias = nullptr;
-    const Parameter *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
-    const Parameter *q_bias = nullptr, *k_bias = nullptr, *v_bias = nullptr, *o_bias = nullptr;
-    const Parameter* router = nullptr;  // MoE only
-    std::vector<Mlp> mlps;              // one for a dense layer, one per expert for MoE
-  };
+  using Mlp = MlpWeights;
+  using Layer = LayerWeights;
 
   // Each block is y = x + f(norm(x)). `h`, the norm's output, is what selective recompute drops.
   struct AttentionActivations {
@@ -163,7 +156,7 @@ class Model {
     // MoE: the routing, and the MLP's rows (tokens x k slots sorted by expert) in and out.
     DeviceArray probs, topk_index, topk_weight, sorted_token, sorted_slot, slot_weight, rows_in,
         rows_out;
-    std::vector<std::int64_t> offsets;
+    DeviceArray offsets;  // I32 [experts + 1]: each expert's first sorted row, on the device
   };
   struct LayerActivations {
     AttentionActivations attention;
@@ -175,7 +168,8 @@ class Model {
     std::int64_t batch = 0, seq = 0;
     // x0: the stage's input (the embeddings on the first stage).
     DeviceArray ids, x0, xf, mean_f, rstd_f, logits;
-    DeviceArray router;  // [2 * experts]: top-k counts, then probability sums (MoE)
+    DeviceArray positions;  // [batch, seq] I32 when the micro-batch packs documents
+    DeviceArray router;     // [2 * experts]: top-k counts, then probability sums (MoE)
     double aux_loss = 0;
     int aux_replicas = 1;  // data-parallel ranks whose statistics the load-balancing loss is over
     std::vector<LayerActivations> layers;
@@ -184,10 +178,11 @@ class Model {
  private:
   // ---- blocks: forward and backward side by side ----
   // Backward takes dy = dL/dy and leaves dL/dx in it.
+  // positions: the micro-batch's positions in documents ([batch, seq] I32), or empty.
   void attention_forward(const Layer& layer, Tensor x, std::int64_t batch, std::int64_t seq,
-                         AttentionActivations& a);
+                         Tensor positions, AttentionActivations& a);
   void attention_backward(const Layer& layer, Tensor x, std::int64_t batch, std::int64_t seq,
-                          AttentionActivations& a, Tensor dy);
+                          Tensor positions, AttentionActivations& a, Tensor dy);
   void mlp_forward(const Layer& layer, Tensor x, MlpActivations& a);
   void mlp_backward(const Layer& layer, Tensor x, MlpActivations& a, Tensor dy);
   // router_sums: where the layer's routing statistics are added; empty when replaying.
@@ -199,15 +194,21 @@ class Model {
   // Overwrites gate, up and act with their gradients, then writes dx.
   void expert_backward(const Mlp& mlp, Tensor x, Tensor gate, Tensor up, Tensor act, Tensor dout,
                        Tensor dx);
+  // All experts at once: rows [offsets[e], offsets[e + 1]) of the row tensors go through
+  // mlps[e], each projection one grouped op, the offsets staying on the device.
+  void expert_forward(const std::vector<Mlp>& mlps, Tensor offsets, Tensor x, Tensor gate,
+                      Tensor up, Tensor act, Tensor out);
+  void expert_backward(const std::vector<Mlp>& mlps, Tensor offsets, Tensor x, Tensor gate,
+                       Tensor up, Tensor act, Tensor dout, Tensor dx);
 
   // ---- a layer, with what recompute drops and replays ----
   void layer_forward(const Layer& layer, Tensor x, std::int64_t batch, std::int64_t seq,
-                     LayerActivations& a, Tensor router_sums);
+                     Tensor positions, LayerActivations& a, Tensor router_sums);
   void drop_recomputable(LayerActivations& a);
   void replay_dropped(const Layer& layer, Tensor x, std::int64_t batch, std::int64_t seq,
-                      LayerActivations& a);
+                      Tensor positions, LayerActivations& a);
   void layer_backward(const Layer& layer, Tensor x, std::int64_t batch, std::int64_t seq,
-                      LayerActivations& a, Tensor dprob_per_expert, Tensor dy);
+                      Tensor positions, LayerActivations& a, Tensor dprob_per_expert, Tensor dy);
 
   // ---- gradient buckets (ZeRO-2) ----
   struct GradientBucket {

@@ -54,7 +54,7 @@ void finalize_gradients(Model& model, const Topology& topology, Tensor zero_shar
 }
 
 GlobalLoss global_loss(const PipelineTotals& local, const Topology& topology) {
-  const bool reports = topology.last_stage() && topology.tp_rank == 0;
+  const bool reports = topology.last_stage() && topology.at.tp == 0;
   double sums[3] = {local.ce_sum, local.aux_sum, static_cast<double>(local.predicted)};
   if (!reports) sums[0] = sums[1] = sums[2] = 0.0;
   MPI_Allreduce(MPI_IN_PLACE, sums, 3, MPI_DOUBLE, MPI_SUM, topology.world);

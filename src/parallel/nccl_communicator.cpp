@@ -134,9 +134,9 @@ class CollectiveWatchdog {
       }
       ncclResult_t async = ncclSuccess;
       ncclCommGetAsyncError(comm_, &async);
-      const bool late = !pending_.empty() &&
-                        std::chrono::duration<double>(Clock::now() - pending_.front().since)
-                                .count() > timeout_;
+      const bool late =
+          !pending_.empty() &&
+          std::chrono::duration<double>(Clock::now() - pending_.front().since).count() > timeout_;
       if ((async == ncclSuccess || async == ncclInProgress) && !late) continue;
       char message[320];
       if (late) {
@@ -182,8 +182,8 @@ class NcclCommunicator final : public Communicator {
     if (rank_ == 0) check(ncclGetUniqueId(&id), "GetUniqueId");
     check_mpi(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, group), "Bcast of the NCCL id");
     check(ncclCommInitRank(&comm_, size_, id, rank_), "CommInitRank");
-    watchdog_ = std::make_unique<CollectiveWatchdog>(comm_, stream_, rank_,
-                                                     collective_timeout_seconds());
+    watchdog_ =
+        std::make_unique<CollectiveWatchdog>(comm_, stream_, rank_, collective_timeout_seconds());
   }
   ~NcclCommunicator() override {
     // Pending collectives finish first; errors at teardown have no one left to report to.
@@ -211,9 +211,9 @@ class NcclCommunicator final : public Communicator {
     watchdog_->enqueued("ReduceScatter");
   }
   void reduce(Tensor t, int root, ReduceOp op) override {
-    check(ncclReduce(t.data, t.data, count(t), nccl_type(t.dtype), nccl_op(op), root, comm_,
-                     stream_),
-          "Reduce");
+    check(
+        ncclReduce(t.data, t.data, count(t), nccl_type(t.dtype), nccl_op(op), root, comm_, stream_),
+        "Reduce");
     watchdog_->enqueued("Reduce");
   }
   void all_gather(Tensor in, Tensor out) override {

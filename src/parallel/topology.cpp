@@ -30,9 +30,6 @@ Topology make_topology(const Layout& layout, const Architecture& arch, MPI_Comm 
   if (size != layout.world_size())
     throw std::invalid_argument("make_topology: the layout is not one of this world");
   t.at = layout.coordinates(t.rank);
-  t.tp_rank = t.at.tp;
-  t.dp_rank = t.at.dp;
-  t.pp_rank = t.at.pp;
   using Dim = Layout::Dim;
   auto along = [&](Dim d) {
     return split(world, layout.group_id(t.rank, d), layout.group_index(t.rank, d), factory);
@@ -51,7 +48,7 @@ Topology make_topology(const Layout& layout, const Architecture& arch, MPI_Comm 
   const int tied_color = tied && (t.first_stage() || t.last_stage())
                              ? layout.group_id(t.rank, Dim::Pipeline)
                              : MPI_UNDEFINED;
-  t.tied_embedding = split(world, tied_color, t.pp_rank, factory);
+  t.tied_embedding = split(world, tied_color, t.at.pp, factory);
   return t;
 }
 

@@ -31,7 +31,6 @@ struct Topology {
   Layout layout;
   int rank = 0;
   Layout::Coordinates at;
-  int tp_rank = 0, dp_rank = 0, pp_rank = 0;  // the same as `at`
   MPI_Comm world = MPI_COMM_WORLD;
   // The ranks that differ from this one only in their tensor-, data- or pipeline-parallel index.
   RankGroup tensor, data, pipeline;
@@ -42,8 +41,8 @@ struct Topology {
   // the embedding is tied and there are several stages.
   RankGroup tied_embedding;
 
-  bool first_stage() const { return pp_rank == 0; }
-  bool last_stage() const { return pp_rank == layout.pipeline_parallel - 1; }
+  bool first_stage() const { return at.pp == 0; }
+  bool last_stage() const { return at.pp == layout.pipeline_parallel - 1; }
 };
 
 // Collective over `world`, whose size must be layout.world_size().

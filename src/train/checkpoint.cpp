@@ -253,14 +253,15 @@ Block data_parallel_share(Block block, int dp_rank, int dp_size) {
 std::uint64_t checkpoint_bytes(const Architecture& arch, std::size_t sections,
                                const TrainState& state) {
   constexpr std::uint64_t kMiB = std::uint64_t{1} << 20;
-  std::uint64_t bytes = 4 * kMiB + 2 * state.config_json.size() + 2 * architecture_to_json(arch).size();
+  std::uint64_t bytes =
+      4 * kMiB + 2 * state.config_json.size() + 2 * architecture_to_json(arch).size();
   const std::vector<ParameterSpec> table = parameter_table(arch);
   for (const ParameterSpec* d : datasets_of(table)) {
     const auto elements = static_cast<std::uint64_t>(volume(d->dataset_shape));
     // Objects of 1 MiB or more start on a 1 MiB boundary: less than 1 MiB lost before each.
     const std::uint64_t data = elements * sizeof(float), sums = elements / 8 + 8;
-    bytes += sections * (data + sums + (data >= kMiB ? kMiB : 0) + (sums >= kMiB ? kMiB : 0) +
-                         64 * 1024);
+    bytes += sections *
+             (data + sums + (data >= kMiB ? kMiB : 0) + (sums >= kMiB ? kMiB : 0) + 64 * 1024);
   }
   return bytes;
 }
@@ -296,12 +297,15 @@ void save_checkpoint(const std::string& path, Model& model, AdamW* optimizer,
   const Architecture& arch = model.arch();
   const std::vector<ParameterSpec> table = parameter_table(arch);
   const std::vector<const ParameterSpec*> datasets = datasets_of(table);
-  // Weights that are not finite are never saved, so that the last checkpoint stays a good one.
+  // With refuse_non_finite, weights that are not finite are never saved (the last checkpoint of a
+  // run stays a good one).
   std::vector<float> master = section_values(model, optimizer, OptimizerState::Master);
   std::string bad;
   for (const Parameter& p : model.parameters()) {
+    if (!ranks.refuse_non_finite) break;
     const auto first = master.begin() + p.offset;
-    const auto found = std::find_if(first, first + p.numel, [](float v) { return !std::isfinite(v); });
+    const auto found =
+        std::find_if(first, first + p.numel, [](float v) { return !std::isfinite(v); });
     if (found != first + p.numel) {
       bad = p.name + " holds " + (std::isnan(*found) ? "NaN" : "an infinity") + " at element " +
             std::to_string(found - first);
@@ -318,16 +322,15 @@ void save_checkpoint(const std::string& path, Model& model, AdamW* optimizer,
   file.reserve(checkpoint_bytes(arch, sections, state));
   for (std::size_t k = 0; k < sections; ++k) {
     for (const ParameterSpec* d : datasets)
-      file.define_dataset(in_group(d->dataset, kSections[k].group), H5DType::F32,
-                          d->dataset_shape);
+      file.define_dataset(in_group(d->dataset, kSections[k].group), H5DType::F32, d->dataset_shape);
   }
   for (std::size_t k = 0; k < sections; ++k) {
     const std::vector<float> flat =
         k == 0 ? std::move(master) : section_values(model, optimizer, kSections[k].state);
     // One collective write per dataset.
     for (const ParameterSpec* d : datasets) {
-      const Block block = data_parallel_share(merge_parts(table, model, flat, *d), ranks.dp_rank,
-                                              ranks.dp_size);
+      const Block block =
+          data_parallel_share(merge_parts(table, model, flat, *d), ranks.dp_rank, ranks.dp_size);
       file.write_slab(in_group(d->dataset, kSections[k].group), H5DType::F32, block.slab.offset,
                       block.slab.count, block.values.data());
     }
@@ -438,8 +441,8 @@ TrainState load_checkpoint(const std::string& path, Model& model, AdamW* optimiz
         for (const Parameter& p : model.parameters()) {
           const std::int64_t lo = std::max(begin, p.offset), hi = std::min(end, p.offset + p.numel);
           if (lo < hi)
-            parts.push_back({&p, &table[p.index], lo - p.offset, hi - p.offset,
-                             values.data() + (lo - begin)});
+            parts.push_back(
+                {&p, &table[p.index], lo - p.offset, hi - p.offset, values.data() + (lo - begin)});
         }
         read_parts(file, table, kSections[k].group, parts, ranks.world);
         optimizer->load(kSections[k].state, values.data());

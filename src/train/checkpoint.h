@@ -37,6 +37,10 @@ struct CheckpointRanks {
   // load_checkpoint prints, on world rank 0, the dataset bytes each rank read next to its share
   // (the bytes of the parameters and, with an optimizer, the optimizer shard it holds).
   bool report_reads = false;
+  // save_checkpoint refuses (UserError, nothing written) weights that are not finite, so that a
+  // diverged run never replaces its last good checkpoint. Off for `convert`, which copies a model
+  // as it is (export then refuses it).
+  bool refuse_non_finite = false;
 };
 
 // Collective. Writes `path` atomically. The optimizer may be null (a converted model: no moments).
@@ -53,10 +57,11 @@ void save_checkpoint(const std::string& path, Model& model, AdamW* optimizer,
                      const TrainState& state, MPI_Comm comm);
 TrainState load_checkpoint(const std::string& path, Model& model, AdamW* optimizer, MPI_Comm comm);
 
-// The iteration a checkpoint file's name says ("checkpoint-00001200.h5": 1200), if it has that form.
+// The iteration a checkpoint file's name says ("checkpoint-00001200.h5": 1200), if it has that
+// form.
 std::optional<std::int64_t> iteration_in_name(const std::string& path);
-// Collective. The iteration a checkpoint holds, after checking that it opens as a fastllm checkpoint
-// and that its name (when of the form above) says the same; UserError otherwise.
+// Collective. The iteration a checkpoint holds, after checking that it opens as a fastllm
+// checkpoint and that its name (when of the form above) says the same; UserError otherwise.
 std::int64_t checkpoint_iteration(const std::string& path, MPI_Comm comm);
 
 // The architecture a checkpoint file was saved with, without loading it.

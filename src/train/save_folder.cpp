@@ -39,8 +39,8 @@ std::string read_all(const std::string& path) {
 int create_exclusive(const std::string& path, const std::string& content) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0644);
   if (fd < 0) return errno;
-  const bool written = ::write(fd, content.data(), content.size()) ==
-                       static_cast<ssize_t>(content.size());
+  const bool written =
+      ::write(fd, content.data(), content.size()) == static_cast<ssize_t>(content.size());
   const int error = written ? 0 : (errno != 0 ? errno : EIO);
   if (::close(fd) != 0 || !written) {
     ::unlink(path.c_str());
@@ -75,8 +75,8 @@ SaveFolderLock::SaveFolderLock(const std::string& folder) {
     std::string other_host;
     long long pid = 0;
     holder >> other_host >> pid;
-    const bool dead = other_host == host && pid > 0 &&
-                      ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+    const bool dead =
+        other_host == host && pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
     if (!dead)
       throw UserError(flag + " is in use by process " + std::to_string(pid) + " on " +
                       (other_host.empty() ? std::string("an unknown host") : other_host) +
@@ -86,7 +86,8 @@ SaveFolderLock::SaveFolderLock(const std::string& folder) {
     // A stale lock of a process that died without releasing it.
     ::unlink(path_.c_str());
   }
-  throw UserError(flag + ": cannot take the lock file " + path_ + " (another process keeps taking it)");
+  throw UserError(flag + ": cannot take the lock file " + path_ +
+                  " (another process keeps taking it)");
 }
 
 SaveFolderLock::~SaveFolderLock() {

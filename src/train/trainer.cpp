@@ -17,8 +17,8 @@
 #include "model/hf_weights.h"
 #include "model/parameters.h"
 #include "parallel/backend_setup.h"
-#include "parallel/mpi_session.h"
 #include "parallel/finalize.h"
+#include "parallel/mpi_session.h"
 #include "parallel/pipeline.h"
 #include "parallel/topology.h"
 #include "train/checkpoint.h"
@@ -64,9 +64,11 @@ std::string duration(double seconds) {
 
 // One data-parallel rank's share of a step: its micro-batches, read before any compute so that
 // the number of predicted tokens of the whole global batch is known for the loss normalisation.
+// With document_positions, each micro-batch also carries its tokens' positions in their documents
+// (--cross_document_attention=0).
 std::vector<MicroBatch> read_micro_batches(const DataSampler& sampler, std::int64_t first_sample,
                                            std::int64_t steps, int dp_rank, int dp_size,
-                                           std::int64_t micro_batch_size) {
+                                           std::int64_t micro_batch_size, bool document_positions) {
   const std::int64_t seq = sampler.sequence_length();
   std::vector<MicroBatch> out(static_cast<std::size_t>(steps));
   for (std::int64_t m = 0; m < steps; ++m) {
@@ -75,11 +77,14 @@ std::vector<MicroBatch> read_micro_batches(const DataSampler& sampler, std::int6
     mb.seq = seq;
     mb.input_ids.resize(static_cast<std::size_t>(micro_batch_size * seq));
     mb.targets.resize(mb.input_ids.size());
+    if (document_positions) mb.positions.resize(mb.input_ids.size());
     const std::int64_t first =
         micro_batch_first_sample(first_sample, m, dp_rank, dp_size, micro_batch_size);
     for (std::int64_t b = 0; b < micro_batch_size; ++b) {
       sampler.sample(first + b, std::span(mb.input_ids).subspan(b * seq, seq),
-                     std::span(mb.targets).subspan(b * seq, seq));
+                     std::span(mb.targets).subspan(b * seq, seq),
+                     document_positions ? std::span(mb.positions).subspan(b * seq, seq)
+                                        : std::span<std::int32_t>());
     }
   }
   return out;
@@ -186,8 +191,9 @@ void Trainer::prepare_save_folder() {
 CheckpointRanks Trainer::checkpoint_ranks() const {
   CheckpointRanks ranks;
   ranks.world = mpi_.world();
-  ranks.dp_rank = topo_.dp_rank;
+  ranks.dp_rank = topo_.at.dp;
   ranks.dp_size = topo_.layout.data_parallel;
+  ranks.refuse_non_finite = true;
   return ranks;
 }
 
@@ -251,8 +257,9 @@ void Trainer::restore() {
 void Trainer::step(std::int64_t iteration) {
   const int dp = topo_.layout.data_parallel;
   const std::int64_t accumulation = s_.batch_size / (dp * s_.micro_batch_size);
-  const std::vector<MicroBatch> batches = read_micro_batches(
-      *train_data_, state_.consumed_samples, accumulation, topo_.dp_rank, dp, s_.micro_batch_size);
+  const std::vector<MicroBatch> batches =
+      read_micro_batches(*train_data_, state_.consumed_samples, accumulation, topo_.at.dp, dp,
+                         s_.micro_batch_size, !config_.run.cross_document_attention);
   double local_predicted = 0;
   for (const MicroBatch& mb : batches) {
     for (auto t : mb.targets)
@@ -292,8 +299,9 @@ std::optional<double> Trainer::evaluate() {
   PipelineTotals totals;
   for (std::int64_t i = 0; i < s_.eval_iters; ++i) {
     if (stop_requested()) return std::nullopt;
-    const PipelineTotals batch = pipeline_.forward(read_micro_batches(
-        *valid_data_, i * s_.batch_size, accumulation, topo_.dp_rank, dp, s_.micro_batch_size));
+    const PipelineTotals batch = pipeline_.forward(
+        read_micro_batches(*valid_data_, i * s_.batch_size, accumulation, topo_.at.dp, dp,
+                           s_.micro_batch_size, !config_.run.cross_document_attention));
     totals.ce_sum += batch.ce_sum;
     totals.predicted += batch.predicted;
   }
@@ -333,10 +341,17 @@ void Trainer::record(const nlohmann::ordered_json& line) {
   if (s_.save.empty()) return;
   on_rank0([&] {
     const fs::path path = fs::path(s_.save) / "metrics.jsonl";
+    std::error_code error;
+    const std::uintmax_t before = fs::exists(path, error) ? fs::file_size(path, error) : 0;
     std::ofstream out(path, std::ios::app);
     out << line.dump() << "\n";
     out.flush();
-    if (!out) throw UserError("cannot write " + path.string() + " (the disk may be full)");
+    if (!out) {
+      // No half line for readers of the file to trip on.
+      out.close();
+      fs::resize_file(path, before, error);
+      throw UserError("cannot write " + path.string() + " (the disk may be full)");
+    }
   });
 }
 
@@ -377,7 +392,8 @@ void Trainer::log(std::int64_t iteration, double loss, double lr, double grad_no
 void Trainer::report_evaluation(std::int64_t iteration) {
   const std::optional<double> evaluated = evaluate();
   if (!evaluated) {
-    if (rank0()) std::cout << "iteration " << iteration << " | validation interrupted by a signal\n";
+    if (rank0())
+      std::cout << "iteration " << iteration << " | validation interrupted by a signal\n";
     return;
   }
   const double eval_loss = *evaluated;
@@ -426,11 +442,11 @@ int Trainer::run() {
     });
     if (rank0()) {
       const Layout& l = topo_.layout;
-      std::cout << "model: " << count_parameters(config_.arch).total
-                << " parameters; layout data " << l.data_parallel << " x tensor "
-                << l.tensor_parallel << " x pipeline " << l.pipeline_parallel << ", ZeRO-1 "
-                << (l.zero_stage == 1 ? "on" : "off") << "; batch " << s_.batch_size << " x "
-                << s_.sequence_length << " tokens" << std::endl;
+      std::cout << "model: " << count_parameters(config_.arch).total << " parameters; layout data "
+                << l.data_parallel << " x tensor " << l.tensor_parallel << " x pipeline "
+                << l.pipeline_parallel << ", ZeRO-1 " << (l.zero_stage == 1 ? "on" : "off")
+                << "; batch " << s_.batch_size << " x " << s_.sequence_length << " tokens"
+                << std::endl;
     }
   }
 
@@ -491,9 +507,7 @@ int Trainer::run() {
     }
     if (valid_data_ && done % s_.eval_interval == 0) report_evaluation(done);
     if (stop_requested()) {
-      if (rank0())
-        std::cout << "signal: saving and stopping at iteration "
-                  << done << "\n";
+      if (rank0()) std::cout << "signal: saving and stopping at iteration " << done << "\n";
       save(done);
       return 0;
     }
@@ -612,6 +626,9 @@ int train(const Options& options, const ModelConfig& model, const TrainSettings&
   // From the start, so that a scheduler's signal during start-up still ends in a checkpoint.
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGUSR1, on_stop_signal);
+  // A write past the file size limit (ulimit -f) then fails with EFBIG and is reported, rather
+  // than killing the rank.
+  std::signal(SIGXFSZ, SIG_IGN);
   MpiSession mpi;
   // Every rank checks the same things before any work, so a bad layout fails everywhere at once.
   const Layout layout = resolve_layout(options, mpi.size(), model.arch);

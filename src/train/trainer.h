@@ -1,7 +1,7 @@
 #pragma once
 // The training loop: data-parallel micro-batches with gradient accumulation, AdamW with clipping
-// and a learning-rate schedule, progress and metrics on rank 0, validation, checkpoints that
-// survive a kill, and a checkpoint on SIGTERM/SIGUSR1.
+// and a learning-rate schedule, progress and metrics on rank 0, validation, greedy samples,
+// checkpoints that survive a kill, and a checkpoint on SIGTERM/SIGUSR1.
 #include <cstdint>
 #include <string>
 
@@ -34,6 +34,11 @@ struct TrainSettings {
   std::int64_t save_interval = 0;
   std::int64_t keep_checkpoints = 3;
   std::int64_t max_skipped_steps = 10;  // 0: never stop
+  // Greedy samples every sample_interval iterations (0: none), decoded with `tokenizer` (empty:
+  // the pretrained checkpoint folder's tokenizer.model).
+  std::int64_t sample_interval = 0;
+  std::int64_t sample_tokens = 32;
+  std::string sample_prompt, tokenizer;
 };
 
 // Reads the Train, Data and Checkpoint flag groups; UserError for missing or inconsistent values.

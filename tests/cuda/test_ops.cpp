@@ -230,13 +230,47 @@ TEST_P(CudaOps, RopeForwardAndInverse) {
 
 struct AttentionCase {
   std::int64_t batch, seq, heads, kv_heads, dim, window;
+  std::vector<std::int32_t> positions = {};  // packed documents ([batch, seq]), or none
 };
+
+// Positions of rows packed with documents of the given lengths, in turn, until each row is full.
+std::vector<std::int32_t> packed_positions(std::int64_t batch, std::int64_t seq,
+                                           const std::vector<std::int64_t>& lengths) {
+  std::vector<std::int32_t> out;
+  std::size_t next = 0;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    std::int64_t position = 0, length = 0;
+    for (std::int64_t i = 0; i < seq; ++i, ++position) {
+      if (position == length) {
+        length = lengths[next++ % lengths.size()];
+        position = 0;
+      }
+      out.push_back(static_cast<std::int32_t>(position));
+    }
+  }
+  return out;
+}
+
+TEST_P(CudaOps, RopeAtPositions) {
+  const std::vector<std::int64_t> shape{2, 300, 3, 128};
+  auto positions = packed_positions(2, 300, {1, 70, 3, 150});
+  for (bool inverse : {false, true}) {
+    auto x = values(count(shape), 73);
+    std::vector<float> want = x;
+    e().host().rope_positions(e().on_host(want, shape), e().on_host_ints(positions, {2, 300}), 1e6,
+                              inverse);
+    Tensor t = e().device(x, shape);
+    e().cuda().rope_positions(t, e().device_ints(positions, {2, 300}), 1e6, inverse);
+    EXPECT_LE(relative_error(e().read(t), want), tol()) << "inverse " << inverse;
+  }
+}
 
 // One attention case on `env`'s CUDA backend against the host.
 void check_attention(CudaVsHost& env, const AttentionCase& c, unsigned seed) {
   SCOPED_TRACE(::testing::Message()
                << "batch " << c.batch << " seq " << c.seq << " heads " << c.heads << "/"
-               << c.kv_heads << " dim " << c.dim << " window " << c.window);
+               << c.kv_heads << " dim " << c.dim << " window " << c.window
+               << (c.positions.empty() ? "" : " packed documents"));
   const DType dt = env.dtype();
   const double tol = env.tolerance();
   const std::vector<std::int64_t> q_shape{c.batch, c.seq, c.heads, c.dim};
@@ -249,23 +283,39 @@ void check_attention(CudaVsHost& env, const AttentionCase& c, unsigned seed) {
   std::vector<float> out_want(count(q_shape)), lse_want(count(lse_shape));
   std::vector<float> dq_want(count(q_shape)), dk_want(count(kv_shape)), dv_want(count(kv_shape));
   HostBackend& h = env.host();
-  h.attention_forward(env.on_host(q, q_shape), env.on_host(k, kv_shape), env.on_host(v, kv_shape),
-                      c.window, env.on_host(out_want, q_shape), env.on_host(lse_want, lse_shape));
-  h.attention_backward(env.on_host(q, q_shape), env.on_host(k, kv_shape), env.on_host(v, kv_shape),
-                       env.on_host(out_want, q_shape), env.on_host(lse_want, lse_shape),
-                       env.on_host(dout, q_shape), c.window, env.on_host(dq_want, q_shape),
-                       env.on_host(dk_want, kv_shape), env.on_host(dv_want, kv_shape));
+  std::vector<std::int32_t> positions = c.positions;
+  const Tensor host_positions =
+      positions.empty() ? Tensor() : env.on_host_ints(positions, {c.batch, c.seq});
+  const Tensor device_positions =
+      positions.empty() ? Tensor() : env.device_ints(positions, {c.batch, c.seq});
+  h.document_attention_forward(env.on_host(q, q_shape), env.on_host(k, kv_shape),
+                               env.on_host(v, kv_shape), host_positions, c.window,
+                               env.on_host(out_want, q_shape), env.on_host(lse_want, lse_shape));
+  h.document_attention_backward(env.on_host(q, q_shape), env.on_host(k, kv_shape),
+                                env.on_host(v, kv_shape), env.on_host(out_want, q_shape),
+                                env.on_host(lse_want, lse_shape), env.on_host(dout, q_shape),
+                                host_positions, c.window, env.on_host(dq_want, q_shape),
+                                env.on_host(dk_want, kv_shape), env.on_host(dv_want, kv_shape));
   Tensor qd = env.device(q, q_shape), kd = env.device(k, kv_shape), vd = env.device(v, kv_shape);
   Tensor out = env.device_poisoned(q_shape, dt);
   Tensor lse = env.device_poisoned(lse_shape, DType::F32);
-  env.cuda().attention_forward(qd, kd, vd, c.window, out, lse);
+  if (positions.empty()) {
+    env.cuda().attention_forward(qd, kd, vd, c.window, out, lse);
+  } else {
+    env.cuda().document_attention_forward(qd, kd, vd, device_positions, c.window, out, lse);
+  }
   EXPECT_LE(relative_error(env.read(out), out_want), tol);
   EXPECT_LE(relative_error(env.read(lse), lse_want), 1e-5);
   Tensor dq = env.device_poisoned(q_shape, dt);
   Tensor dk = env.device_poisoned(kv_shape, dt);
   Tensor dv = env.device_poisoned(kv_shape, dt);
-  env.cuda().attention_backward(qd, kd, vd, out, lse, env.device(dout, q_shape), c.window, dq, dk,
-                                dv);
+  if (positions.empty()) {
+    env.cuda().attention_backward(qd, kd, vd, out, lse, env.device(dout, q_shape), c.window, dq, dk,
+                                  dv);
+  } else {
+    env.cuda().document_attention_backward(qd, kd, vd, out, lse, env.device(dout, q_shape),
+                                           device_positions, c.window, dq, dk, dv);
+  }
   // In bf16 the backward starts from the device's own bf16 output: within the same bound.
   EXPECT_LE(relative_error(env.read(dq), dq_want), tol);
   EXPECT_LE(relative_error(env.read(dk), dk_want), tol);
@@ -282,6 +332,43 @@ TEST_P(CudaOps, AttentionForwardAndBackward) {
   unsigned seed = 80;
   for (const AttentionCase& c : kAttentionCases)
     check_attention(e(), c, seed += 10);
+}
+
+// Packed documents: rows of one document, many short ones, documents of length 1, documents across
+// the tiles of both kernels, with and without windows, head ratios 1, 2 and 4. Every
+// --attention_kernel runs them on the own kernels (tensor cores for bf16 head_dim 64/128, else
+// portable).
+std::vector<AttentionCase> document_cases() {
+  std::vector<AttentionCase> cases;
+  const std::vector<std::vector<std::int64_t>> packings = {
+      {1000}, {3, 5, 2, 7}, {1}, {1, 1, 4, 1, 9}, {150, 1, 40, 70, 33}};
+  for (auto [heads, kv_heads] : {std::pair{4, 4}, std::pair{4, 2}, std::pair{8, 2}})
+    for (std::int64_t window : {0, 20})
+      for (std::int64_t dim : {16, 128})
+        for (const auto& lengths : packings)
+          cases.push_back(
+              {2, 300, heads, kv_heads, dim, window, packed_positions(2, 300, lengths)});
+  return cases;
+}
+
+TEST_P(CudaOps, DocumentAttentionAgainstHost) {
+  for (const AttentionKernel kernel : {AttentionKernel::Cudnn, AttentionKernel::Own}) {
+    SCOPED_TRACE(kernel == AttentionKernel::Cudnn ? "cudnn asked" : "own");
+    CudaVsHost env(dt(), kernel);
+    unsigned seed = 380;
+    const std::vector<AttentionCase> cases = document_cases();
+    for (const AttentionCase& c : cases)
+      check_attention(env, c, seed += 10);
+    const CudaKernelStats stats = cuda_kernel_stats(env.cuda());
+    EXPECT_EQ(stats.cudnn_attention, 0);
+    EXPECT_EQ(stats.own_attention, 2 * static_cast<std::int64_t>(cases.size()));
+  }
+  ::setenv("FASTLLM_CUDA_ATTENTION", "simt", 1);
+  CudaVsHost portable(dt());
+  ::unsetenv("FASTLLM_CUDA_ATTENTION");
+  unsigned seed = 580;
+  for (const AttentionCase& c : document_cases())
+    check_attention(portable, c, seed += 10);
 }
 
 TEST_P(CudaOps, PortableAttentionForEveryCase) {
@@ -522,18 +609,115 @@ TEST_P(CudaOps, PermuteGatherScatterScaleAndDot) {
   EXPECT_LE(relative_error(e().read(dots), dot_want), tol());
 }
 
+// The experts' grouped GEMMs with the offsets moe_permute_offsets leaves on the device, at sizes
+// that cut the tiles unevenly (an empty expert, partial row, column and depth tiles), and with
+// one expert taking every row.
+TEST_P(CudaOps, GroupedLinearAgainstHost) {
+  const std::int64_t tokens = 203, k = 2, experts = 6, n = 200, depth = 136;
+  const std::int64_t slots = tokens * k;
+  std::vector<std::int32_t> top(slots);
+  std::mt19937 gen(141);
+  for (auto& t : top)
+    t = static_cast<std::int32_t>(gen() % (experts - 1));  // the last expert gets nothing
+  std::vector<std::int32_t> one_expert(slots, 2);
+  unsigned seed = 142;
+  for (auto* choice : {&top, &one_expert}) {
+    std::vector<std::int32_t> token_want(slots), slot_want(slots), offsets_want(experts + 1);
+    e().host().moe_permute_offsets(
+        e().on_host_ints(*choice, {tokens, k}), experts, e().on_host_ints(token_want, {slots}),
+        e().on_host_ints(slot_want, {slots}), e().on_host_ints(offsets_want, {experts + 1}));
+    Tensor offsets = e().device_poisoned({experts + 1}, DType::I32);
+    Tensor sorted_token = e().device_poisoned({slots}, DType::I32);
+    Tensor sorted_slot = e().device_poisoned({slots}, DType::I32);
+    e().cuda().moe_permute_offsets(e().device_ints(*choice, {tokens, k}), experts, sorted_token,
+                                   sorted_slot, offsets);
+    EXPECT_EQ(e().read_ints(offsets), offsets_want);
+    EXPECT_EQ(e().read_ints(sorted_token), token_want);
+    EXPECT_EQ(e().read_ints(sorted_slot), slot_want);
+
+    std::vector<std::vector<float>> w, bias, dw, db;
+    std::vector<Tensor> w_host, w_dev, bias_host, bias_dev, dw_host, dw_dev, db_host, db_dev;
+    for (std::int64_t x = 0; x < experts; ++x) {
+      w.push_back(values(n * depth, seed++, 0.3f));
+      bias.push_back(values(n, seed++));
+      dw.push_back(random_vector(n * depth, seed++));
+      db.push_back(random_vector(n, seed++));
+    }
+    for (std::int64_t x = 0; x < experts; ++x) {
+      w_host.push_back(e().on_host(w[x], {n, depth}));
+      w_dev.push_back(e().device(w[x], {n, depth}));
+      bias_host.push_back(e().on_host(bias[x], {n}));
+      bias_dev.push_back(e().device(bias[x], {n}));
+      dw_dev.push_back(e().device(dw[x], {n, depth}, DType::F32));
+      db_dev.push_back(e().device(db[x], {n}, DType::F32));
+    }
+    for (std::int64_t x = 0; x < experts; ++x) {
+      dw_host.push_back(e().on_host(dw[x], {n, depth}));
+      db_host.push_back(e().on_host(db[x], {n}));
+    }
+    const Tensor offsets_host = e().on_host_ints(offsets_want, {experts + 1});
+
+    auto in = values(slots * depth, seed++);
+    std::vector<float> y_want(slots * n);
+    e().host().grouped_linear_forward(e().on_host(in, {slots, depth}), w_host, bias_host,
+                                      offsets_host, e().on_host(y_want, {slots, n}));
+    Tensor y = e().device_poisoned({slots, n}, dt());
+    e().cuda().grouped_linear_forward(e().device(in, {slots, depth}), w_dev, bias_dev, offsets, y);
+    EXPECT_LE(relative_error(e().read(y), y_want), tol());
+
+    auto dy = values(slots * n, seed++);
+    auto dx0 = values(slots * depth, seed++);
+    std::vector<float> dx_want = dx0;
+    e().host().grouped_linear_backward_data(e().on_host(dy, {slots, n}), w_host, offsets_host, 1.0f,
+                                            e().on_host(dx_want, {slots, depth}));
+    Tensor dx = e().device(dx0, {slots, depth});
+    e().cuda().grouped_linear_backward_data(e().device(dy, {slots, n}), w_dev, offsets, 1.0f, dx);
+    EXPECT_LE(relative_error(e().read(dx), dx_want), tol());
+
+    e().host().grouped_linear_backward_weight(e().on_host(in, {slots, depth}),
+                                              e().on_host(dy, {slots, n}), offsets_host, dw_host,
+                                              db_host);
+    e().cuda().grouped_linear_backward_weight(e().device(in, {slots, depth}),
+                                              e().device(dy, {slots, n}), offsets, dw_dev, db_dev);
+    for (std::int64_t x = 0; x < experts; ++x) {
+      EXPECT_LE(relative_error(e().read(dw_dev[x]), dw[x]), tol()) << "expert " << x;
+      EXPECT_LE(relative_error(e().read(db_dev[x]), db[x]), tol()) << "expert " << x;
+    }
+  }
+}
+
+// Index checks are read at the next host wait (synchronize, copy_to_host), not after each op.
 TEST_P(CudaOps, OutOfRangeIndicesThrow) {
   Tensor src = e().device(values(3 * 4, 131), {3, 4});
+  Backend& cuda = e().cuda();
   EXPECT_THROW(
-      e().cuda().gather_rows(src, e().device_ints({0, 3}, {2}), e().device_poisoned({2, 4}, dt())),
+      {
+        cuda.gather_rows(src, e().device_ints({0, 3}, {2}), e().device_poisoned({2, 4}, dt()));
+        cuda.synchronize();
+      },
       std::invalid_argument);
-  EXPECT_THROW(e().cuda().scatter_add_rows(e().device(values(8, 132), {2, 4}),
-                                           e().device_ints({-1, 1}, {2}), Tensor(), src),
-               std::invalid_argument);
-  EXPECT_THROW(e().cuda().moe_permute(e().device_ints({0, 5}, {1, 2}), 4,
-                                      e().device_poisoned({2}, DType::I32),
-                                      e().device_poisoned({2}, DType::I32)),
-               std::invalid_argument);
+  EXPECT_THROW(
+      {
+        cuda.scatter_add_rows(e().device(values(8, 132), {2, 4}), e().device_ints({-1, 1}, {2}),
+                              Tensor(), src);
+        cuda.synchronize();
+      },
+      std::invalid_argument);
+  EXPECT_THROW(
+      {
+        cuda.moe_permute(e().device_ints({0, 5}, {1, 2}), 4, e().device_poisoned({2}, DType::I32),
+                         e().device_poisoned({2}, DType::I32));
+        cuda.synchronize();
+      },
+      std::invalid_argument);
+  EXPECT_THROW(
+      {
+        cuda.moe_permute_offsets(
+            e().device_ints({0, 5}, {1, 2}), 4, e().device_poisoned({2}, DType::I32),
+            e().device_poisoned({2}, DType::I32), e().device_poisoned({5}, DType::I32));
+        cuda.synchronize();
+      },
+      std::invalid_argument);
   // The backend stays usable after an error.
   Tensor ok = e().device_poisoned({1, 4}, dt());
   e().cuda().gather_rows(src, e().device_ints({2}, {1}), ok);

@@ -101,6 +101,40 @@ TEST_F(SamplerTest, PackedWindowsOverlapByOneTokenAndCoverTheStream) {
     EXPECT_EQ(draw(sampler, n + i), draw(sampler, i));
 }
 
+// The positions of a sample's tokens in their documents, from the token ids (which encode each
+// token's document and position): counted from the document's first token, or from the sample's
+// start for the document the sample cuts into.
+TEST_F(SamplerTest, PositionsRestartAtEachDocumentAndAtTheSampleStart) {
+  make_dataset(prefix("a"), 0, 40, varied);
+  const std::int64_t seq = 11;
+  for (const SamplingMode mode : {SamplingMode::kPacked, SamplingMode::kDocument}) {
+    const DataSampler sampler(config_for({{prefix("a"), {}}}, seq, mode, true), DataSplit::kTrain);
+    int starts_inside = 0;
+    for (std::int64_t i = 0; i < 30; ++i) {
+      const Sample s = draw(sampler, i);
+      Ids tokens(seq), targets(seq), positions(seq);
+      sampler.sample(i, tokens, targets, positions);
+      EXPECT_EQ(tokens, s.tokens);
+      EXPECT_EQ(targets, s.targets);
+      const int first_doc = s.tokens[0] / 1000 % 1000, first_pos = s.tokens[0] % 1000;
+      for (std::int64_t t = 0; t < seq; ++t) {
+        const auto at = static_cast<std::size_t>(t);
+        const int doc = s.tokens[at] / 1000 % 1000, pos = s.tokens[at] % 1000;
+        // Document mode pads past the document: the padding continues its positions.
+        const bool padding = mode == SamplingMode::kDocument && t > 0 && s.targets[at - 1] < 0;
+        const int want = padding ? static_cast<int>(t) : doc == first_doc ? pos - first_pos : pos;
+        EXPECT_EQ(positions[at], want) << "sample " << i << " token " << t;
+        starts_inside += t > 0 && positions[at] == 0;
+      }
+    }
+    if (mode == SamplingMode::kPacked) {
+      EXPECT_GT(starts_inside, 10);
+    }
+    Ids short_positions(static_cast<std::size_t>(seq - 1)), tokens(seq), targets(seq);
+    EXPECT_THROW(sampler.sample(0, tokens, targets, short_positions), std::invalid_argument);
+  }
+}
+
 // Each window must be whole documents back to back: inside a document positions step by one, and
 // a document's last token is followed by another document's first.
 void expect_window_of_whole_documents(const Sample& s, const std::vector<Ids>& docs) {

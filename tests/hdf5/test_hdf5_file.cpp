@@ -9,7 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "hdf5/h5_corrupt.h"
 #include "hdf5/h5_test_util.h"
+#include "io/checksum.h"
 #include "io/error.h"
 #include "io/hdf5_file.h"
 
@@ -483,6 +485,101 @@ TEST(H5File, MisuseIsARuntimeErrorNamingTheCall) {
   expect_error_naming([&] { reader.define_dataset("/z", H5DType::F32, {1}); }, false,
                       {"define_dataset", "reading"});
   EXPECT_EQ(reader.attr_string("/a", "note"), "groups made by define_dataset take attributes");
+}
+
+// The checksum terms of all-zero data are the outputs of SplitMix64 seeded with 0, whose published
+// first values (Vigna's splitmix64.c) are these.
+TEST(H5File, ChecksumsOfZerosAreTheSplitMix64Sequence) {
+  const std::uint64_t published[] = {0xE220A8397B1DCDAFull, 0x6E789E6AA1B965F4ull,
+                                     0x06C45D188009454Full, 0xF88BB8A8724C81ECull};
+  for (std::uint64_t n = 1; n <= 4; ++n)
+    EXPECT_EQ(splitmix64_mix(n * kChecksumGolden), published[n - 1]) << n;
+
+  TempDir dir("h5");
+  const std::string path = dir.file("zeros.h5");
+  {
+    // 2 x 80 floats: rows of 80 >= 64 elements, so one chunk a row.
+    H5File file = H5File::create(path, MPI_COMM_SELF);
+    file.define_dataset("/z", H5DType::F32, {2, 80});
+    const std::vector<float> zeros(160, 0.0f);
+    file.write_slab("/z", H5DType::F32, {1, 0}, {1, 80}, zeros.data());
+    file.write_slab("/z", H5DType::F32, {0, 0}, {1, 80}, zeros.data());
+    file.commit();
+  }
+  // The same sums from the published generator's recurrence, written out independently.
+  std::uint64_t expected[2] = {0, 0}, state = 0;
+  for (int i = 0; i < 160; ++i) {
+    state += 0x9E3779B97F4A7C15ull;
+    std::uint64_t z = state;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    expected[i / 80] += z ^ (z >> 31);
+  }
+  RawFile raw(path);
+  const auto stored = raw.read<std::uint64_t>("/.checksums/z", H5T_NATIVE_UINT64, 2);
+  EXPECT_EQ(stored[0], expected[0]);
+  EXPECT_EQ(stored[1], expected[1]);
+  H5File file = H5File::open_read(path, MPI_COMM_SELF);
+  EXPECT_TRUE(file.has_checksums("/z"));
+  EXPECT_EQ(file.list_datasets("/"), (std::vector<std::string>{"/z"}));
+}
+
+// One changed byte is found by every read of the chunk holding it, whatever slab the read asks
+// for (a slab cutting the chunk reads and checks all of it), and the message names the dataset,
+// the slab and the file; reads of other chunks still succeed.
+TEST(H5File, AChangedByteIsFoundOnEveryReadOfItsChunk) {
+  TempDir dir("h5");
+  const std::string path = dir.file("flip.h5");
+  const Shape shape{6, 100};
+  const auto values = make_values<float>(600, test::f32_value);
+  {
+    H5File file = H5File::create(path, MPI_COMM_SELF);
+    file.define_dataset("/w", H5DType::F32, shape);
+    file.write_slab("/w", H5DType::F32, {0, 0}, {3, 100}, values.data());
+    file.write_slab("/w", H5DType::F32, {3, 0}, {3, 100}, values.data() + 300);
+    file.commit();
+  }
+  {
+    H5File file = H5File::open_read(path, MPI_COMM_SELF);
+    std::vector<float> all(600);
+    file.read_slab("/w", H5DType::F32, {0, 0}, shape, all.data());
+    EXPECT_TRUE(same_bits(all, values));
+  }
+  // Element [4, 17]: row 4, the fifth chunk.
+  test::flip_stored_byte(path, "/w", (4 * 100 + 17) * 4 + 1);
+  H5File file = H5File::open_read(path, MPI_COMM_SELF);
+  std::vector<float> out(600);
+  expect_error_naming(
+      [&] {
+        file.read_slab("/w", H5DType::F32, {0, 0}, shape, out.data());
+      },
+      true, {"checksum mismatch", "'/w'", path, "[0, 0]", "[400, 500)"});
+  expect_error_naming(
+      [&] {
+        file.read_slab("/w", H5DType::F32, {4, 0}, {1, 100}, out.data());
+      },
+      true, {"checksum mismatch", "'/w'", path, "[4, 0]"});
+  // Columns 50..59 of rows 3..4: the changed element is outside the slab, inside its chunks.
+  expect_error_naming(
+      [&] {
+        file.read_slab("/w", H5DType::F32, {3, 50}, {2, 10}, out.data());
+      },
+      true, {"checksum mismatch", "'/w'", "[3, 50]"});
+  std::vector<float> block(2 * 10);
+  file.read_slab("/w", H5DType::F32, {2, 50}, {2, 10}, block.data());
+  EXPECT_TRUE(same_bits(block, extract(values, shape, {2, 50}, {2, 10})));
+  std::vector<float> rows(2 * 100);
+  file.read_slab_collective("/w", H5DType::F32, {0, 0}, {2, 100}, rows.data());
+  EXPECT_TRUE(same_bits(rows, extract(values, shape, {0, 0}, {2, 100})));
+}
+
+TEST(H5File, ReserveNamesTheFolderAndTheBytes) {
+  TempDir dir("h5");
+  const std::string path = dir.file("big.h5");
+  H5File file = H5File::create(path, MPI_COMM_SELF);
+  const std::uint64_t exabyte = std::uint64_t{1} << 60;
+  expect_error_naming([&] { file.reserve(exabyte); }, true,
+                      {"not enough space", dir.path().string(), std::to_string(exabyte)});
 }
 
 TEST(H5File, DTypeNamesAndSizes) {

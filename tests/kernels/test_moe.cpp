@@ -234,6 +234,157 @@ TEST_P(MoeTest, DotRowsGathered) {
   }
 }
 
+TEST_P(MoeTest, PermuteOffsetsStayInTheBackend) {
+  const int tokens = 7, experts = 5, k = 2;
+  const std::vector<std::int32_t> top = {0, 3, 3, 4, 1, 0, 3, 1, 4, 0, 0, 1, 3, 4};
+  Tensor sorted_token = zeros({tokens * k}, DType::I32);
+  Tensor sorted_slot = zeros({tokens * k}, DType::I32);
+  Tensor offsets = zeros({experts + 1}, DType::I32);
+  be().moe_permute_offsets(upload_ints(top, {tokens, k}), experts, sorted_token, sorted_slot,
+                           offsets);
+  std::vector<std::int32_t> slots(tokens * k);
+  std::iota(slots.begin(), slots.end(), 0);
+  std::stable_sort(slots.begin(), slots.end(),
+                   [&](std::int32_t a, std::int32_t b) { return top[a] < top[b]; });
+  std::vector<std::int32_t> token_ref;
+  for (std::int32_t s : slots)
+    token_ref.push_back(s / k);
+  EXPECT_EQ(download_ints(sorted_slot), slots);
+  EXPECT_EQ(download_ints(sorted_token), token_ref);
+  EXPECT_EQ(download_ints(offsets), (std::vector<std::int32_t>{0, 4, 7, 7, 11, 14}));
+  EXPECT_THROW(
+      be().moe_permute_offsets(upload_ints({0, 5}, {1, 2}), experts, zeros({2}, DType::I32),
+                               zeros({2}, DType::I32), zeros({experts + 1}, DType::I32)),
+      std::invalid_argument);
+}
+
+// Expert runs of the grouped linear tests: empty experts (first, middle, last), one expert with
+// every row, odd sizes, and rows past the last offset that no expert owns.
+struct GroupedCase {
+  std::vector<std::int32_t> offsets;
+  int rows;  // of the row tensors, >= offsets.back()
+};
+
+std::vector<GroupedCase> grouped_cases() {
+  return {{{0, 0, 5, 5, 12, 12}, 12},
+          {{0, 0, 0, 19, 19}, 19},
+          {{0, 3, 4, 11, 17}, 20},
+          {{0, 1}, 1},
+          {{0, 0, 0}, 3}};
+}
+
+TEST_P(MoeTest, GroupedLinearForwardMatchesALoopOverExperts) {
+  const int n = 13, k = 21;
+  for (const GroupedCase& c : grouped_cases()) {
+    const int experts = static_cast<int>(c.offsets.size()) - 1, rows = c.rows;
+    const auto x = random_vector(static_cast<std::size_t>(rows) * k, 20);
+    const auto y0 = random_vector(static_cast<std::size_t>(rows) * n, 21);
+    std::vector<std::vector<float>> w, b;
+    std::vector<Tensor> weights, biases;
+    for (int e = 0; e < experts; ++e) {
+      w.push_back(random_vector(static_cast<std::size_t>(n) * k, 30 + e));
+      b.push_back(random_vector(n, 60 + e));
+      weights.push_back(upload(w[e], {n, k}));
+      // Every other expert without a bias: an empty tensor.
+      biases.push_back(e % 2 == 0 ? upload(b[e], {n}) : Tensor());
+    }
+    for (bool with_bias : {false, true}) {
+      Tensor y = upload(y0, {rows, n});
+      be().grouped_linear_forward(upload(x, {rows, k}), weights,
+                                  with_bias ? biases : std::vector<Tensor>(),
+                                  upload_ints(c.offsets, {experts + 1}), y);
+      // Rows no expert owns keep their values.
+      std::vector<double> expected(y0.begin(), y0.end());
+      for (int e = 0; e < experts; ++e)
+        for (int r = c.offsets[e]; r < c.offsets[e + 1]; ++r)
+          for (int j = 0; j < n; ++j) {
+            double acc = with_bias && e % 2 == 0 ? b[e][j] : 0.0;
+            for (int p = 0; p < k; ++p)
+              acc += static_cast<double>(x[r * k + p]) * w[e][j * k + p];
+            expected[r * n + j] = acc;
+          }
+      EXPECT_LE(relative_error(download(y), expected), 1e-6)
+          << experts << " experts, " << rows << " rows, bias " << with_bias;
+    }
+  }
+}
+
+TEST_P(MoeTest, GroupedLinearBackwardMatchesALoopOverExperts) {
+  const int n = 13, k = 21;
+  for (const GroupedCase& c : grouped_cases()) {
+    const int experts = static_cast<int>(c.offsets.size()) - 1, rows = c.rows;
+    const auto x = random_vector(static_cast<std::size_t>(rows) * k, 22);
+    const auto dy = random_vector(static_cast<std::size_t>(rows) * n, 23);
+    const auto dx0 = random_vector(static_cast<std::size_t>(rows) * k, 24);
+    std::vector<std::vector<float>> w, dw0, db0;
+    std::vector<Tensor> weights, dweights, dbiases;
+    for (int e = 0; e < experts; ++e) {
+      w.push_back(random_vector(static_cast<std::size_t>(n) * k, 40 + e));
+      dw0.push_back(random_vector(static_cast<std::size_t>(n) * k, 80 + e));
+      db0.push_back(random_vector(n, 120 + e));
+      weights.push_back(upload(w[e], {n, k}));
+      dweights.push_back(upload(dw0[e], {n, k}));
+      dbiases.push_back(e % 2 == 1 ? upload(db0[e], {n}) : Tensor());
+    }
+    const Tensor offsets = upload_ints(c.offsets, {experts + 1});
+    for (float beta : {0.0f, 1.0f}) {
+      Tensor dx = upload(dx0, {rows, k});
+      be().grouped_linear_backward_data(upload(dy, {rows, n}), weights, offsets, beta, dx);
+      std::vector<double> expected(dx0.begin(), dx0.end());
+      for (int e = 0; e < experts; ++e)
+        for (int r = c.offsets[e]; r < c.offsets[e + 1]; ++r)
+          for (int p = 0; p < k; ++p) {
+            double acc = beta * static_cast<double>(dx0[r * k + p]);
+            for (int j = 0; j < n; ++j)
+              acc += static_cast<double>(dy[r * n + j]) * w[e][j * k + p];
+            expected[r * k + p] = acc;
+          }
+      EXPECT_LE(relative_error(download(dx), expected), 1e-6)
+          << experts << " experts, " << rows << " rows, beta " << beta;
+    }
+    be().grouped_linear_backward_weight(upload(x, {rows, k}), upload(dy, {rows, n}), offsets,
+                                        dweights, dbiases);
+    for (int e = 0; e < experts; ++e) {
+      std::vector<double> dw_ref(dw0[e].begin(), dw0[e].end());
+      std::vector<double> db_ref(db0[e].begin(), db0[e].end());
+      for (int r = c.offsets[e]; r < c.offsets[e + 1]; ++r)
+        for (int j = 0; j < n; ++j) {
+          db_ref[j] += dy[r * n + j];
+          for (int p = 0; p < k; ++p)
+            dw_ref[j * k + p] += static_cast<double>(dy[r * n + j]) * x[r * k + p];
+        }
+      // Accumulated onto what the gradients held; an expert without rows leaves them alone.
+      EXPECT_LE(relative_error(download(dweights[e]), dw_ref), 1e-6) << "expert " << e;
+      if (e % 2 == 1) {
+        EXPECT_LE(relative_error(download(dbiases[e]), db_ref), 1e-6) << "expert " << e;
+      }
+    }
+  }
+}
+
+// The host reads the offsets where they lie and checks them; a device backend does not wait for
+// the host to do so (moe_permute_offsets makes them valid by construction).
+TEST_P(MoeTest, GroupedLinearRejectsBadOffsetsOnTheHost) {
+  if (GetParam() != "host") GTEST_SKIP() << "the device ops do not read the offsets on the host";
+  const int rows = 6, n = 3, k = 2;
+  const std::vector<Tensor> weights = {upload(random_vector(n * k, 1), {n, k}),
+                                       upload(random_vector(n * k, 2), {n, k})};
+  const Tensor x = upload(random_vector(rows * k, 3), {rows, k});
+  for (const auto& bad : std::vector<std::vector<std::int32_t>>{{1, 2, 6}, {0, 4, 3}, {0, 3, 7}}) {
+    EXPECT_THROW(
+        be().grouped_linear_forward(x, weights, {}, upload_ints(bad, {3}), zeros({rows, n})),
+        std::invalid_argument);
+    EXPECT_THROW(be().grouped_linear_backward_weight(x, zeros({rows, n}), upload_ints(bad, {3}),
+                                                     weights, {}),
+                 std::invalid_argument);
+  }
+  // Offsets for three experts with two experts' weights.
+  EXPECT_THROW(
+      be().grouped_linear_backward_data(zeros({rows, n}), weights, upload_ints({0, 2, 4, 6}, {4}),
+                                        0.0f, zeros({rows, k})),
+      std::invalid_argument);
+}
+
 FASTLLM_INSTANTIATE_BACKENDS(MoeTest);
 
 }  // namespace

@@ -14,9 +14,10 @@ struct RopeShape {
 
 // transformers' rotary embedding written out in double, with its two float32 roundings
 // (inv_freq = 1 / theta^(arange(0, d, 2) / d) and angle = position * inv_freq, both computed on
-// float32 tensors); rotate_half pairs dim j with j + d/2.
-std::vector<double> naive_rope(const std::vector<float>& x, RopeShape s, double theta,
-                               bool inverse) {
+// float32 tensors); rotate_half pairs dim j with j + d/2. x[b, p] is at position p, or at
+// positions[b, p] when given.
+std::vector<double> naive_rope(const std::vector<float>& x, RopeShape s, double theta, bool inverse,
+                               const std::vector<std::int32_t>& positions = {}) {
   std::vector<double> y(x.size());
   const std::int64_t half = s.dim / 2;
   for (std::int64_t b = 0; b < s.batch; ++b)
@@ -26,7 +27,9 @@ std::vector<double> naive_rope(const std::vector<float>& x, RopeShape s, double 
           const float exponent = static_cast<float>(2 * i) / static_cast<float>(s.dim);
           const float power = std::pow(static_cast<float>(theta), exponent);
           const float inv_freq = 1.0f / power;
-          const double angle = static_cast<float>(p) * inv_freq;
+          const auto position =
+              positions.empty() ? p : positions[static_cast<std::size_t>(b * s.seq + p)];
+          const double angle = static_cast<float>(position) * inv_freq;
           const double c = std::cos(angle);
           const double sn = inverse ? -std::sin(angle) : std::sin(angle);
           const std::size_t at = static_cast<std::size_t>(((b * s.seq + p) * s.heads + h) * s.dim);
@@ -54,6 +57,50 @@ TEST_P(Rope, MatchesTransformersFormula) {
         EXPECT_LE(relative_error(download(t), naive_rope(x, s, theta, inverse)), 3e-7);
       }
     }
+  }
+}
+
+// Positions restarting at 0 in each packed document, documents of length 1 included.
+TEST_P(Rope, GivenPositionsMatchTransformersFormula) {
+  const RopeShape s{2, 37, 3, 16};
+  std::vector<std::int32_t> positions;
+  for (std::int64_t b = 0; b < s.batch; ++b) {
+    const std::int64_t starts[] = {0, 5, 6, 7, 20};
+    for (std::int64_t p = 0; p < s.seq; ++p) {
+      std::int64_t start = 0;
+      for (std::int64_t st : starts)
+        if (st <= p) start = st;
+      positions.push_back(static_cast<std::int32_t>(b == 0 ? p - start : p / 2));
+    }
+  }
+  unsigned seed = 51;
+  for (bool inverse : {false, true}) {
+    const auto x = random_vector(s.numel(), seed++);
+    Tensor t = upload(x, {s.batch, s.seq, s.heads, s.dim});
+    be().rope_positions(t, upload_ints(positions, {s.batch, s.seq}), 1e6, inverse);
+    EXPECT_LE(relative_error(download(t), naive_rope(x, s, 1e6, inverse, positions)), 3e-7);
+  }
+  // Positions 0..seq-1 are rope() exactly.
+  std::vector<std::int32_t> plain;
+  for (std::int64_t i = 0; i < s.batch * s.seq; ++i)
+    plain.push_back(static_cast<std::int32_t>(i % s.seq));
+  const auto x = random_vector(s.numel(), 60);
+  Tensor a = upload(x, {s.batch, s.seq, s.heads, s.dim});
+  Tensor b = upload(x, {s.batch, s.seq, s.heads, s.dim});
+  be().rope(a, 10000.0, false);
+  be().rope_positions(b, upload_ints(plain, {s.batch, s.seq}), 10000.0, false);
+  EXPECT_EQ(download(a), download(b));
+}
+
+TEST_P(Rope, RejectsBadPositions) {
+  Tensor t = zeros({1, 4, 2, 8});
+  EXPECT_THROW(be().rope_positions(t, upload_ints({0, 1, 2}, {1, 3}), 1e4, false),
+               std::invalid_argument);
+  if (be().name() == "host") {
+    EXPECT_THROW(be().rope_positions(t, upload_ints({0, 1, -2, 0}, {1, 4}), 1e4, false),
+                 std::invalid_argument);
+    EXPECT_THROW(be().rope_positions(t, upload_ints({0, 2, 0, 1}, {1, 4}), 1e4, false),
+                 std::invalid_argument);
   }
 }
 

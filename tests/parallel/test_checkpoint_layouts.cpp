@@ -3,6 +3,7 @@
 // share of the file.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <tuple>
@@ -169,6 +170,65 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CheckpointLayouts,
                          [](const auto& info) {
                            return info.param.fixture == "dev-mistral" ? "Mistral" : "Mixtral";
                          });
+
+// A checkpoint that does not fit (here: past the file size limit, which needs no privileges to set
+// up, where a full disk would need a small file system) stops every rank of a tensor-parallel job
+// at once with one error naming the folder and the bytes needed, removes its temporary file and
+// leaves the previous checkpoint to resume from.
+class FullDisk : public ::testing::TestWithParam<int> {
+ protected:
+  void SetUp() override { seq_ = write_trajectory_dataset("dev-mistral", data()); }
+  std::string data() const { return (dir_ / "data").string(); }
+  // A model that tensor parallelism of 2 and 3 both split, from scratch.
+  std::string train(int iterations, const std::string& save) const {
+    return "train --num_layers=2 --hidden_size=384 --num_attention_heads=12 --head_groups=6 "
+           "--ffn_hidden_size=1152 --vocab_size=1002 --data_path=" +
+           data() +
+           " --data_sampling=document --split=1,0,0 --sequence_length=" + std::to_string(seq_) +
+           " --batch_size=2 --micro_batch_size=1 --log_interval=1 --train_iters=" +
+           std::to_string(iterations) + " --save=" + save + " --load=" + save;
+  }
+
+  TempDir dir_;
+  std::int64_t seq_ = 0;
+};
+
+TEST_P(FullDisk, EveryRankStopsWithOneErrorAndThePreviousCheckpointStays) {
+  const int ranks = GetParam();
+  const std::string run = (dir_ / "run").string();
+  const std::string tp = " --tensor_parallel=" + std::to_string(ranks);
+  const CommandResult first = run_mpi(ranks, train(1, run) + tp);
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  const std::uintmax_t size = fs::file_size(run + "/checkpoint-00000001.h5");
+  // Files may grow to half a checkpoint (ulimit -f counts KiB in bash).
+  const auto started = std::chrono::steady_clock::now();
+  const CommandResult full = run_shell(
+      "bash -c 'ulimit -f " + std::to_string(size / 2048) +
+      "; OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 exec " +
+      FASTLLM_MPIEXEC + " --oversubscribe --allow-run-as-root -np " + std::to_string(ranks) + " " +
+      FASTLLM_BINARY + " " + train(3, run) + tp + "'");
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  EXPECT_NE(full.exit_code, 0) << full.out;
+  EXPECT_EQ(full.out.find("saved"), std::string::npos) << full.out;
+  const std::regex error("fastllm train: error: [^\\n]*");
+  const auto errors = std::distance(std::sregex_iterator(full.err.begin(), full.err.end(), error),
+                                    std::sregex_iterator());
+  EXPECT_EQ(errors, 1) << full.err;
+  EXPECT_NE(full.err.find("'" + run + "'"), std::string::npos) << full.err;
+  EXPECT_NE(full.err.find("it needs "), std::string::npos) << full.err;
+  EXPECT_LT(seconds, 60) << full.err;
+  for (const auto& entry : fs::directory_iterator(run))
+    EXPECT_FALSE(entry.path().string().ends_with(".tmp")) << entry.path();
+  // The previous checkpoint is whole: a run without the limit resumes from it.
+  const CommandResult resumed = run_mpi(ranks, train(2, run) + tp);
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
+  EXPECT_NE(resumed.out.find("checkpoint-00000001.h5 at iteration 1"), std::string::npos)
+      << resumed.out;
+}
+
+INSTANTIATE_TEST_SUITE_P(TensorParallel, FullDisk, ::testing::Values(2, 3),
+                         [](const auto& info) { return "np" + std::to_string(info.param); });
 
 }  // namespace
 }  // namespace fastllm::test
