@@ -170,6 +170,14 @@ const std::vector<FlagSpec> kTrain = {
     {"peak_tflops", T::Float, "0",
      "peak TFLOP/s of one device for MFU; 0 = the backend's (989, the H100/H200 dense bf16 peak, "
      "on CUDA; none on the host)"},
+    {"sample_interval", T::Int, "0",
+     "iterations between greedy samples of --sample_prompt printed as 'sample: ...' and recorded "
+     "in metrics.jsonl; 0 = none"},
+    {"sample_prompt", T::String, "", "the text the samples continue (after BOS); empty: BOS alone"},
+    {"sample_tokens", T::Int, "32", "tokens generated per sample (fewer when EOS comes first)"},
+    {"tokenizer", T::String, "",
+     "SentencePiece tokenizer.model (or a folder holding one) of the samples; default: the one "
+     "in --pretrained_checkpoint_path"},
 };
 
 const std::vector<FlagSpec> kData = {

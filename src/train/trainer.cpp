@@ -1,10 +1,13 @@
 #include "train/trainer.h"
 
+#include <sys/resource.h>
+
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -14,6 +17,8 @@
 #include <set>
 
 #include "io/error.h"
+#include "io/tokenizer.h"
+#include "model/generator.h"
 #include "model/hf_weights.h"
 #include "model/parameters.h"
 #include "parallel/backend_setup.h"
@@ -23,6 +28,10 @@
 #include "parallel/topology.h"
 #include "train/checkpoint.h"
 #include "train/save_folder.h"
+
+#if FASTLLM_HAVE_CUDA
+#include "kernels/cuda/cuda_backend.h"
+#endif
 
 namespace fastllm {
 namespace {
@@ -60,6 +69,117 @@ std::string duration(double seconds) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%02lld:%02lld:%02lld", s / 3600, s / 60 % 60, s % 60);
   return buf;
+}
+
+// The time of day in UTC, ISO 8601 ("2025-03-01T14:05:09Z").
+std::string iso_time_now() {
+  const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+  std::tm utc{};
+  gmtime_r(&now, &utc);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &utc);
+  return buf;
+}
+
+// This process's peak resident set since it started.
+double host_peak_bytes() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return 1024.0 * static_cast<double>(usage.ru_maxrss);  // Linux reports KiB
+}
+
+// The flags whose values change what a step computes, or which samples it reads; a resume that
+// changes one of them does not continue the checkpoint's run.
+constexpr const char* kMathFlags[] = {"lr",
+                                      "min_lr",
+                                      "lr_warmup_iters",
+                                      "lr_decay_style",
+                                      "lr_decay_iters",
+                                      "batch_size",
+                                      "micro_batch_size",
+                                      "sequence_length",
+                                      "weight_decay",
+                                      "adam_beta1",
+                                      "adam_beta2",
+                                      "adam_eps",
+                                      "clip_grad",
+                                      "seed",
+                                      "data_path",
+                                      "split",
+                                      "data_sampling",
+                                      "data_shuffle",
+                                      "window_size",
+                                      "moe_aux_loss_coeff",
+                                      "cross_document_attention",
+                                      "dtype"};
+
+std::string json_text(const nlohmann::json& v) {
+  return v.is_string() ? v.get<std::string>() : v.dump();
+}
+
+// Whether two recorded values differ; numbers written differently ("3e-3", "0.003") are equal.
+bool values_differ(const nlohmann::json& a, const nlohmann::json& b) {
+  const std::string x = json_text(a), y = json_text(b);
+  if (x == y) return false;
+  try {
+    std::size_t i = 0, j = 0;
+    const double u = std::stod(x, &i), v = std::stod(y, &j);
+    if (i == x.size() && j == y.size()) return u != v;
+  } catch (const std::exception&) {
+  }
+  return true;
+}
+
+// "--lr: 0.001 (checkpoint) -> 0.002" for each math flag whose value differs between the
+// configuration a checkpoint saved and this run's.
+std::vector<std::string> setting_changes(const std::string& saved, const std::string& current) {
+  std::vector<std::string> out;
+  const nlohmann::json a = nlohmann::json::parse(saved, nullptr, false);
+  const nlohmann::json b = nlohmann::json::parse(current, nullptr, false);
+  if (!a.is_object() || !b.is_object()) return out;
+  for (const char* flag : kMathFlags) {
+    if (!a.contains(flag) || !b.contains(flag) || !values_differ(a[flag], b[flag])) continue;
+    out.push_back(std::string("--") + flag + "=" + json_text(b[flag]) +
+                  " (the checkpoint's run: " + json_text(a[flag]) + ")");
+  }
+  return out;
+}
+
+// Rewrites <save>/metrics.jsonl without the records of iterations after `start` (all of them when
+// the run starts from scratch): a run killed after its last checkpoint logged iterations this one
+// repeats. A new file renamed over the old, so that a kill leaves one or the other.
+void drop_metrics_after(const fs::path& path, std::int64_t start) {
+  std::error_code error;
+  if (!fs::exists(path, error)) return;
+  std::ifstream in(path);
+  std::string kept, line;
+  std::int64_t dropped = 0;
+  while (std::getline(in, line)) {
+    const nlohmann::json record = nlohmann::json::parse(line, nullptr, false);
+    const bool later = record.is_object() && record.contains("iteration") &&
+                       record["iteration"].is_number_integer() &&
+                       (start == 0 || record["iteration"].get<std::int64_t>() > start);
+    if (later) {
+      ++dropped;
+    } else {
+      kept += line + "\n";
+    }
+  }
+  if (dropped == 0) return;
+  const fs::path temporary = path.string() + ".tmp";
+  std::ofstream out(temporary, std::ios::trunc);
+  out << kept;
+  out.flush();
+  if (!out) {
+    out.close();
+    fs::remove(temporary, error);
+    throw UserError("cannot write " + temporary.string() + " (the disk may be full)");
+  }
+  out.close();
+  fs::rename(temporary, path, error);
+  if (error) throw UserError("cannot replace " + path.string() + ": " + error.message());
+  std::cout << "metrics: dropped " << dropped << " records of " << path.string()
+            << " past iteration " << start << ", which this run repeats\n";
 }
 
 // One data-parallel rank's share of a step: its micro-batches, read before any compute so that
@@ -118,11 +238,16 @@ class Trainer {
   bool stop_requested() const;
   void prepare_save_folder();
   void restore();
+  void report_resume_changes(const TrainState& loaded, const std::string& path) const;
+  void mark_start();
+  void prepare_samples();
+  void sample(std::int64_t iteration);
   void step(std::int64_t iteration);
   std::optional<double> evaluate();  // nullopt: interrupted by a signal
   void report_evaluation(std::int64_t iteration);
   void save(std::int64_t iteration);
-  void log(std::int64_t iteration, double loss, double lr, double grad_norm, double seconds);
+  void log(std::int64_t iteration, double loss, double aux_loss, double lr, double grad_norm,
+           double seconds);
   void record(const nlohmann::ordered_json& line);
   double allreduce_sum(double value) const;
   CheckpointRanks checkpoint_ranks() const;
@@ -140,12 +265,16 @@ class Trainer {
   std::unique_ptr<DataSampler> train_data_, valid_data_;
   TrainState state_;
   double step_loss_ = 0, step_grad_norm_ = 0;
+  double step_aux_loss_ = 0;   // MoE: the load-balancing loss, before --moe_aux_loss_coeff
   bool step_skipped_ = false;  // the step's loss or gradient norm was not finite: no update
   std::int64_t skipped_in_a_row_ = 0, skipped_total_ = 0;
   std::unique_ptr<SaveFolderLock> save_lock_;
   std::set<std::string> rejected_;  // checkpoints that failed to load: never counted nor replaced
   std::string loaded_from_;
+  std::chrono::steady_clock::time_point run_start_ = std::chrono::steady_clock::now();
   std::chrono::steady_clock::time_point interval_start_;
+  std::optional<Tokenizer> tokenizer_;
+  std::vector<std::int32_t> sample_ids_;  // BOS and --sample_prompt
   std::int64_t interval_iterations_ = 0;
 };
 
@@ -211,7 +340,12 @@ void Trainer::restore() {
       explicit_file = true;
     }
     if (found.empty() && rank0())
-      std::cerr << "fastllm train: no checkpoint in --load=" << s_.load << "; starting fresh\n";
+      std::cerr << "fastllm train: no checkpoint in --load=" << s_.load
+                << "; starting at iteration 0 "
+                << (config_.load_weights
+                        ? "from the pretrained weights of " + config_.checkpoint_path
+                        : std::string("from random weights"))
+                << "\n";
   }
   // Newest first; an unreadable file (a save killed half-way, a truncated copy) is reported and
   // the one before it used, but a readable checkpoint of another model is an error.
@@ -239,8 +373,10 @@ void Trainer::restore() {
       state_.iteration = loaded.iteration;
       state_.consumed_samples = loaded.consumed_samples;
       loaded_from_ = *it;
-      if (rank0())
+      if (rank0()) {
         std::cout << "resumed from " << *it << " at iteration " << state_.iteration << "\n";
+        report_resume_changes(loaded, *it);
+      }
       return;
     } catch (const UserError& e) {
       skip(*it, e);
@@ -248,10 +384,131 @@ void Trainer::restore() {
   }
   if (config_.load_weights) {
     load_hf_weights(model_, config_.checkpoint_path);
+    // The tensors of one model replica: each pipeline stage's, counted on its first tensor rank.
+    const double held = topo_.at.dp == 0 && topo_.at.tp == 0
+                            ? static_cast<double>(model_.parameters().size())
+                            : 0.0;
+    const double tensors = allreduce_sum(held);
+    if (rank0())
+      std::cout << "loaded the pretrained weights of " << config_.checkpoint_path << " ("
+                << static_cast<long long>(tensors)
+                << " tensors); starting at iteration 0 with a new optimizer state\n";
   } else {
     model_.initialize(s_.seed, s_.init_std);
+    if (rank0())
+      std::cout << "initialized random weights (--seed=" << s_.seed
+                << ", --init_std=" << s_.init_std << "); starting at iteration 0\n";
   }
   optimizer_.model_to_master();
+}
+
+// On rank 0: warns of settings that differ from those the checkpoint was trained with.
+void Trainer::report_resume_changes(const TrainState& loaded, const std::string& path) const {
+  for (const std::string& change : setting_changes(loaded.config_json, state_.config_json))
+    std::cerr << "fastllm train: warning: resuming " << path << " with " << change
+              << "; the run does not continue as it was\n";
+  // With --lr_decay_iters=0 the decay ends at --train_iters: another value reshapes it.
+  const nlohmann::json saved = nlohmann::json::parse(loaded.config_json, nullptr, false);
+  if (!saved.is_object() || !saved.contains("train_iters") || !saved.contains("lr_decay_iters") ||
+      s_.schedule.style == DecayStyle::Constant || options_.get_int("lr_decay_iters") != 0)
+    return;
+  std::int64_t before = 0, decay_before = 0;
+  try {
+    before = std::stoll(json_text(saved["train_iters"]));
+    decay_before = std::stoll(json_text(saved["lr_decay_iters"]));
+  } catch (const std::exception&) {
+    return;
+  }
+  if (decay_before != 0 || before == s_.train_iters) return;
+  LrSchedule old = s_.schedule;
+  old.decay_iters = before;
+  std::cerr << "fastllm train: warning: --train_iters=" << s_.train_iters
+            << " (the checkpoint's run: " << before
+            << ") with --lr_decay_iters=0 moves the end of the "
+            << options_.get_string("lr_decay_style") << " decay from iteration " << before << " to "
+            << s_.train_iters << ": the learning rate at iteration " << loaded.iteration << " is "
+            << s_.schedule.at(loaded.iteration) << " instead of " << old.at(loaded.iteration)
+            << "; set --lr_decay_iters=" << before << " to keep the checkpoint's schedule\n";
+}
+
+// Drops the metrics records this run repeats and marks where it starts.
+void Trainer::mark_start() {
+  if (s_.save.empty()) return;
+  on_rank0([&] { drop_metrics_after(fs::path(s_.save) / "metrics.jsonl", state_.iteration); });
+  nlohmann::ordered_json line = {{"event", loaded_from_.empty() ? "start" : "resume"},
+                                 {"iteration", state_.iteration},
+                                 {"time", iso_time_now()}};
+  line["from"] = !loaded_from_.empty()  ? nlohmann::ordered_json(loaded_from_)
+                 : config_.load_weights ? nlohmann::ordered_json(config_.checkpoint_path)
+                                        : nullptr;
+  record(line);
+}
+
+// The tokenizer and prompt of --sample_interval, before the first iteration.
+void Trainer::prepare_samples() {
+  if (s_.sample_interval == 0) return;
+  std::string path = s_.tokenizer;
+  if (path.empty() && !config_.checkpoint_path.empty() &&
+      fs::is_regular_file(fs::path(config_.checkpoint_path) / "tokenizer.model"))
+    path = config_.checkpoint_path;
+  if (path.empty())
+    throw UserError("--sample_interval=" + std::to_string(s_.sample_interval) +
+                    " needs a tokenizer: pass --tokenizer=tokenizer.model (" +
+                    (config_.checkpoint_path.empty()
+                         ? std::string("no --pretrained_checkpoint_path to take one from")
+                         : config_.checkpoint_path + " has no tokenizer.model") +
+                    "), or set --sample_interval=0");
+  // Rank 0 first, so that a bad file is reported once.
+  on_rank0([&] { tokenizer_.emplace(path); });
+  if (!rank0()) tokenizer_.emplace(path);
+  if (tokenizer_->vocab_size() > config_.arch.vocab_size)
+    throw UserError("--tokenizer=" + tokenizer_->path() + " has " +
+                    std::to_string(tokenizer_->vocab_size()) + " pieces, more than the model's " +
+                    std::to_string(config_.arch.vocab_size) + " (vocab_size)");
+  sample_ids_.clear();
+  if (tokenizer_->bos_id() >= 0) sample_ids_.push_back(tokenizer_->bos_id());
+  const std::vector<std::int32_t> text = tokenizer_->encode(s_.sample_prompt);
+  sample_ids_.insert(sample_ids_.end(), text.begin(), text.end());
+  const std::int64_t positions = static_cast<std::int64_t>(sample_ids_.size()) + s_.sample_tokens;
+  const std::int64_t limit = config_.run.max_sequence_length;
+  if (limit > 0 && positions > limit)
+    throw UserError("--sample_prompt has " + std::to_string(sample_ids_.size()) +
+                    " tokens; with --sample_tokens=" + std::to_string(s_.sample_tokens) +
+                    " that is " + std::to_string(positions) + " positions, more than the model's " +
+                    std::to_string(limit) + " (max_sequence_length)");
+}
+
+// Collective: every rank of every model replica generates (the replicas hold the same weights, so
+// each computes the same tokens); rank 0 prints and records them.
+void Trainer::sample(std::int64_t iteration) {
+  Generator generator(model_, config_.run,
+                      topo_.pipeline->size() > 1 ? topo_.pipeline.get() : nullptr);
+  GenerationSettings settings;
+  settings.max_new_tokens = s_.sample_tokens;
+  settings.eos_id = tokenizer_->eos_id();
+  std::vector<std::int32_t> tokens = generator.generate(sample_ids_, settings);
+  if (!tokens.empty() && tokens.back() == settings.eos_id) tokens.pop_back();
+  // Decoded with the prompt, so that the space between them is kept.
+  std::vector<std::int32_t> text(sample_ids_.begin(), sample_ids_.end());
+  if (!text.empty() && text.front() == tokenizer_->bos_id()) text.erase(text.begin());
+  text.insert(text.end(), tokens.begin(), tokens.end());
+  // A model whose vocabulary outgrows the tokenizer's can pick ids it cannot decode: "<id>".
+  std::string decoded;
+  std::vector<std::int32_t> run;
+  for (std::size_t i = 0; i <= text.size(); ++i) {
+    if (i < text.size() && text[i] < tokenizer_->vocab_size()) {
+      run.push_back(text[i]);
+      continue;
+    }
+    decoded += tokenizer_->decode(run);
+    run.clear();
+    if (i == text.size()) break;
+    decoded.push_back('<');
+    decoded.append(std::to_string(text[i]));
+    decoded.push_back('>');
+  }
+  record({{"iteration", iteration}, {"sample", decoded}});
+  if (rank0()) std::cout << "sample: " << decoded << std::endl;
 }
 
 void Trainer::step(std::int64_t iteration) {
@@ -280,6 +537,7 @@ void Trainer::step(std::int64_t iteration) {
   finalize_gradients(model_, topo_, optimizer_.gradient_shard());
   const GlobalLoss loss = global_loss(totals, topo_);
   step_loss_ = loss.ce_sum / predicted + coeff * loss.aux_sum / micro_batches;
+  step_aux_loss_ = loss.aux_sum / micro_batches;
   step_grad_norm_ = std::sqrt(allreduce_sum(optimizer_.grad_sum_squares()));
   // The same values on every rank, so all skip together; a skipped step changes no weight.
   step_skipped_ = !std::isfinite(step_loss_) || !std::isfinite(step_grad_norm_);
@@ -355,7 +613,7 @@ void Trainer::record(const nlohmann::ordered_json& line) {
   });
 }
 
-void Trainer::log(std::int64_t iteration, double loss, double lr, double grad_norm,
+void Trainer::log(std::int64_t iteration, double loss, double aux_loss, double lr, double grad_norm,
                   double seconds) {
   const double step_seconds =
       seconds / static_cast<double>(std::max<std::int64_t>(1, interval_iterations_));
@@ -374,19 +632,46 @@ void Trainer::log(std::int64_t iteration, double loss, double lr, double grad_no
                                  {"tflops_per_device", tflops},
                                  {"step_seconds", step_seconds}};
   line["mfu"] = s_.peak_tflops > 0 ? nlohmann::ordered_json(tflops / s_.peak_tflops) : nullptr;
+  if (config_.arch.is_moe()) line["aux_loss"] = aux_loss;
+  // The largest of all ranks: the one that runs out first.
+  double peaks[2] = {host_peak_bytes(), -1.0};
+#if FASTLLM_HAVE_CUDA
+  if (options_.get_string("backend") == "cuda")
+    peaks[1] = static_cast<double>(cuda_memory_stats(backend_).peak);
+#endif
+  MPI_Allreduce(MPI_IN_PLACE, peaks, 2, MPI_DOUBLE, MPI_MAX, mpi_.world());
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
+  line["elapsed_seconds"] = elapsed;
+  line["time"] = iso_time_now();
+  line["host_peak_bytes"] = peaks[0];
+  line["device_peak_bytes"] = peaks[1] >= 0 ? nlohmann::ordered_json(peaks[1]) : nullptr;
   record(line);
   if (!rank0()) return;
-  char text[320];
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  char text[480];
   std::snprintf(text, sizeof text,
                 "iteration %6lld/%lld | loss %.5f | lr %.3e | grad norm %.4f | %.0f tokens/s | "
-                "%.3f TFLOP/s/device | MFU %s | ETA %s",
+                "%.3f TFLOP/s/device | MFU %s | elapsed %s | ETA %s",
                 static_cast<long long>(iteration), static_cast<long long>(s_.train_iters), loss, lr,
                 grad_norm, tokens_per_s, tflops,
                 s_.peak_tflops > 0
                     ? (std::to_string(100 * tflops / s_.peak_tflops).substr(0, 5) + "%").c_str()
                     : "-",
-                duration(eta).c_str());
-  std::cout << text << std::endl;
+                duration(elapsed).c_str(), duration(eta).c_str());
+  std::string extra;
+  char part[96];
+  if (config_.arch.is_moe()) {
+    std::snprintf(part, sizeof part, " | aux loss %.5f", aux_loss);
+    extra += part;
+  }
+  std::snprintf(part, sizeof part, " | peak memory host %.2f GiB", peaks[0] / gib);
+  extra += part;
+  if (peaks[1] >= 0) {
+    std::snprintf(part, sizeof part, ", device %.2f GiB", peaks[1] / gib);
+    extra += part;
+  }
+  std::cout << text << extra << std::endl;
 }
 
 void Trainer::report_evaluation(std::int64_t iteration) {
@@ -429,8 +714,13 @@ int Trainer::run() {
         const std::optional<std::int64_t> named = iteration_in_name(path);
         if (rejected_.count(path) == 0 && named && *named > state_.iteration)
           throw UserError("--save=" + s_.save + " holds " + path + ", past the iteration " +
-                          std::to_string(state_.iteration) + " this run starts from; pass --load=" +
-                          s_.save + " to resume it, or save to another folder");
+                          std::to_string(state_.iteration) + " this run starts from" +
+                          (s_.load.empty()
+                               ? std::string(" (no --load was given, so it would train from "
+                                             "iteration 0 and overwrite them)")
+                               : std::string()) +
+                          "; nothing was trained: pass --load=" + s_.save +
+                          " to resume it, or save to another folder");
       }
     });
     on_rank0([&] {
@@ -450,6 +740,8 @@ int Trainer::run() {
     }
   }
 
+  mark_start();
+  prepare_samples();
   // The starting point of the validation curve.
   if (valid_data_ && state_.iteration == 0) report_evaluation(0);
   if (stop_requested()) {
@@ -457,7 +749,7 @@ int Trainer::run() {
     return 0;
   }
   interval_start_ = std::chrono::steady_clock::now();
-  double loss_sum = 0;
+  double loss_sum = 0, aux_sum = 0;
   std::int64_t losses = 0;
   for (std::int64_t it = state_.iteration; it < s_.train_iters; ++it) {
     const double lr = s_.schedule.at(it);
@@ -492,20 +784,24 @@ int Trainer::run() {
     } else {
       skipped_in_a_row_ = 0;
       loss_sum += step_loss_;
+      aux_sum += step_aux_loss_;
       ++losses;
     }
     if (done % s_.log_interval == 0 || done == s_.train_iters) {
       const double seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - interval_start_).count();
-      const double loss = losses > 0 ? loss_sum / static_cast<double>(losses)
-                                     : std::numeric_limits<double>::quiet_NaN();
-      log(done, loss, lr, step_grad_norm_, seconds);
+      const double nan = std::numeric_limits<double>::quiet_NaN();
+      const double loss = losses > 0 ? loss_sum / static_cast<double>(losses) : nan;
+      const double aux = losses > 0 ? aux_sum / static_cast<double>(losses) : nan;
+      log(done, loss, aux, lr, step_grad_norm_, seconds);
       loss_sum = 0;
+      aux_sum = 0;
       losses = 0;
       interval_iterations_ = 0;
       interval_start_ = std::chrono::steady_clock::now();
     }
     if (valid_data_ && done % s_.eval_interval == 0) report_evaluation(done);
+    if (s_.sample_interval > 0 && done % s_.sample_interval == 0) sample(done);
     if (stop_requested()) {
       if (rank0()) std::cout << "signal: saving and stopping at iteration " << done << "\n";
       save(done);
@@ -619,6 +915,15 @@ TrainSettings train_settings(const Options& o, const ModelConfig& model) {
   if (s.max_skipped_steps < 0)
     throw UserError("--max_skipped_steps=" + std::to_string(s.max_skipped_steps) +
                     ": expected >= 0 (0: never stop)");
+  s.sample_interval = o.get_int("sample_interval");
+  s.sample_tokens = o.get_int("sample_tokens");
+  s.sample_prompt = o.get_string("sample_prompt");
+  s.tokenizer = o.get_string("tokenizer");
+  if (s.sample_interval < 0)
+    throw UserError("--sample_interval=" + std::to_string(s.sample_interval) +
+                    ": expected >= 0 (0 = no samples)");
+  if (s.sample_tokens < 1)
+    throw UserError("--sample_tokens=" + std::to_string(s.sample_tokens) + ": expected >= 1");
   return s;
 }
 

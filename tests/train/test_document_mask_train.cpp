@@ -17,8 +17,8 @@ class DocumentMaskTrain : public ::testing::Test {
   void SetUp() override { seq_ = write_trajectory_dataset("dev-mistral", data()); }
   std::string data() const { return (dir_ / "data").string(); }
   // The losses of 3 steps with `sampling` at `seq` tokens a sample.
-  std::vector<double> losses(const std::string& name, const std::string& sampling,
-                             std::int64_t seq, int cross_document) {
+  std::vector<double> losses(const std::string& name, const std::string& sampling, std::int64_t seq,
+                             int cross_document) {
     std::string flags = fixture_train_flags("dev-mistral", data(), seq, 1);
     const std::string document = "--data_sampling=document";
     flags.replace(flags.find(document), document.size(), "--data_sampling=" + sampling);
@@ -94,13 +94,25 @@ TEST_P(BadProbeInputs, ClearErrorExitTwoNoOutput) {
 INSTANTIATE_TEST_SUITE_P(
     Cases, BadProbeInputs,
     ::testing::Values(
-        BadProbeInput{"DocumentsWithoutTheFlag", "position_ids", {0, 1, 2, 0, 1, 2}, 1,
+        BadProbeInput{"DocumentsWithoutTheFlag",
+                      "position_ids",
+                      {0, 1, 2, 0, 1, 2},
+                      1,
                       "position_ids[0, 3] = 0, expected 3: with --cross_document_attention=1"},
-        BadProbeInput{"PositionsThatSkip", "position_ids", {0, 1, 3, 4, 5, 6}, 0,
+        BadProbeInput{"PositionsThatSkip",
+                      "position_ids",
+                      {0, 1, 3, 4, 5, 6},
+                      0,
                       "position_ids[0, 2] = 3, expected 0 (a document starts) or 2"},
-        BadProbeInput{"LabelOutsideTheVocabulary", "labels", {5, 6, 7, 1000, 9, 10}, 1,
+        BadProbeInput{"LabelOutsideTheVocabulary",
+                      "labels",
+                      {5, 6, 7, 1000, 9, 10},
+                      1,
                       "labels[0, 3] = 1000 is outside the vocabulary [0, 1000) and not -100"},
-        BadProbeInput{"NothingToPredict", "labels", {5, -100, -100, -100, -100, -100}, 1,
+        BadProbeInput{"NothingToPredict",
+                      "labels",
+                      {5, -100, -100, -100, -100, -100},
+                      1,
                       "labels leave no token to predict"}),
     [](const auto& info) { return info.param.name; });
 
