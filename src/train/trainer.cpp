@@ -265,8 +265,9 @@ class Trainer {
   std::unique_ptr<DataSampler> train_data_, valid_data_;
   TrainState state_;
   double step_loss_ = 0, step_grad_norm_ = 0;
-  double step_aux_loss_ = 0;   // MoE: the load-balancing loss, before --moe_aux_loss_coeff
-  bool step_skipped_ = false;  // the step's loss or gradient norm was not finite: no update
+  double step_aux_loss_ = 0;        // MoE: the load-balancing loss, before --moe_aux_loss_coeff
+  bool step_skipped_ = false;       // the step's loss or gradient norm was not finite: no update
+  bool gradients_cleared_ = false;  // by the last update, which read them all
   std::int64_t skipped_in_a_row_ = 0, skipped_total_ = 0;
   std::unique_ptr<SaveFolderLock> save_lock_;
   std::set<std::string> rejected_;  // checkpoints that failed to load: never counted nor replaced
@@ -530,8 +531,12 @@ void Trainer::step(std::int64_t iteration) {
   const double coeff = config_.arch.is_moe() ? config_.run.moe_aux_loss_coeff : 0.0;
   const double micro_batches = static_cast<double>(accumulation * dp);
 
-  model_.zero_grads();
-  if (model_.gradient_buckets()) backend_.fill(optimizer_.gradient_shard(), 0.0f);
+  // The fused update clears the gradients it read (the model's without ZeRO, this rank's shard
+  // with it); the model's flat gradients under ZeRO-1 and anything a skipped step left are cleared
+  // here.
+  const Tensor shard = optimizer_.gradient_shard();
+  if (!gradients_cleared_ || shard.data) model_.zero_grads();
+  if (!gradients_cleared_ && model_.gradient_buckets()) backend_.fill(shard, 0.0f);
   const PipelineTotals totals =
       pipeline_.forward_backward(batches, 1.0 / predicted, coeff / micro_batches);
   finalize_gradients(model_, topo_, optimizer_.gradient_shard());
@@ -545,8 +550,9 @@ void Trainer::step(std::int64_t iteration) {
     // torch.nn.utils.clip_grad_norm_: scale by min(1, clip / (norm + 1e-6)).
     const double scale =
         s_.clip_grad > 0 ? std::min(1.0, s_.clip_grad / (step_grad_norm_ + 1e-6)) : 1.0;
-    optimizer_.step(s_.schedule.at(iteration), scale);
+    optimizer_.step(s_.schedule.at(iteration), scale, /*zero_grads=*/true);
   }
+  gradients_cleared_ = !step_skipped_;
   state_.consumed_samples += s_.batch_size;
   state_.iteration = iteration + 1;
 }
