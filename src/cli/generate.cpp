@@ -127,6 +127,32 @@ void check_settings(const Options& options) {
 
 }  // namespace
 
+// Each prompt's token ids, checked against the vocabulary and the model's length.
+void encode_prompts(std::vector<Prompt>& prompts, const std::optional<Tokenizer>& tokenizer,
+                    bool ids_given, const ModelConfig& config, std::int64_t max_new) {
+  const std::int64_t vocab = config.arch.vocab_size, limit = config.run.max_sequence_length;
+  if (tokenizer && tokenizer->vocab_size() > vocab)
+    throw UserError("tokenizer " + tokenizer->path() + " has " +
+                    std::to_string(tokenizer->vocab_size()) + " pieces, more than the model's " +
+                    std::to_string(vocab) + " (vocab_size)");
+  for (Prompt& p : prompts) {
+    if (ids_given) {
+      p.ids = parse_ids(p.text, vocab);
+    } else {
+      // BOS first, as Mistral's tokenizer (and transformers with it) encodes a prompt.
+      if (tokenizer->bos_id() >= 0) p.ids.push_back(tokenizer->bos_id());
+      const std::vector<std::int32_t> text_ids = tokenizer->encode(p.text);
+      p.ids.insert(p.ids.end(), text_ids.begin(), text_ids.end());
+    }
+    const auto length = static_cast<std::int64_t>(p.ids.size());
+    if (limit > 0 && length + max_new > limit)
+      throw UserError(p.where + ": the prompt has " + std::to_string(length) +
+                      " tokens; with --max_new_tokens=" + std::to_string(max_new) + " that is " +
+                      std::to_string(length + max_new) + " positions, more than the model's " +
+                      std::to_string(limit) + " (max_sequence_length)");
+  }
+}
+
 int run_generate(const Args& args) {
   Options options("generate",
                   {FlagGroup::Generate, FlagGroup::Model, FlagGroup::Layout, FlagGroup::Backend});
@@ -194,28 +220,7 @@ int run_generate(const Args& args) {
                       "--tokenizer=tokenizer.model (or --prompt_ids)");
   }
 
-  // Token ids, each prompt checked against the vocabulary and the model's length.
-  const std::int64_t vocab = config.arch.vocab_size, limit = config.run.max_sequence_length;
-  if (tokenizer && tokenizer->vocab_size() > vocab)
-    throw UserError("tokenizer " + tokenizer->path() + " has " +
-                    std::to_string(tokenizer->vocab_size()) + " pieces, more than the model's " +
-                    std::to_string(vocab) + " (vocab_size)");
-  for (Prompt& p : prompts) {
-    if (ids_given) {
-      p.ids = parse_ids(p.text, vocab);
-    } else {
-      // BOS first, as Mistral's tokenizer (and transformers with it) encodes a prompt.
-      if (tokenizer->bos_id() >= 0) p.ids.push_back(tokenizer->bos_id());
-      const std::vector<std::int32_t> text_ids = tokenizer->encode(p.text);
-      p.ids.insert(p.ids.end(), text_ids.begin(), text_ids.end());
-    }
-    const auto length = static_cast<std::int64_t>(p.ids.size());
-    if (limit > 0 && length + max_new > limit)
-      throw UserError(p.where + ": the prompt has " + std::to_string(length) +
-                      " tokens; with --max_new_tokens=" + std::to_string(max_new) + " that is " +
-                      std::to_string(length + max_new) + " positions, more than the model's " +
-                      std::to_string(limit) + " (max_sequence_length)");
-  }
+  encode_prompts(prompts, tokenizer, ids_given, config, max_new);
 
   Generator generator(model, config.run,
                       layout.pipeline_parallel > 1 ? topo.pipeline.get() : nullptr);

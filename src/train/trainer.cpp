@@ -241,6 +241,13 @@ class Trainer {
   void report_resume_changes(const TrainState& loaded, const std::string& path) const;
   void mark_start();
   void prepare_samples();
+  void open_data();
+  // Refuses a --save folder whose checkpoints this run would overwrite, writes its config.json and
+  // says what is trained.
+  void announce_run();
+  // Counts a step whose loss or gradient norm was not finite; stops the run after
+  // --max_skipped_steps of them in a row.
+  void count_skipped_step(std::int64_t done);
   void sample(std::int64_t iteration);
   void step(std::int64_t iteration);
   std::optional<double> evaluate();  // nullopt: interrupted by a signal
@@ -693,8 +700,7 @@ void Trainer::report_evaluation(std::int64_t iteration) {
     std::cout << "iteration " << iteration << " | validation loss " << eval_loss << std::endl;
 }
 
-int Trainer::run() {
-  prepare_save_folder();
+void Trainer::open_data() {
   train_data_ = std::make_unique<DataSampler>(s_.data, DataSplit::kTrain);
   if (train_data_->empty())
     throw UserError("--split=" + options_.get_string("split") +
@@ -706,6 +712,71 @@ int Trainer::run() {
       valid_data_.reset();
     }
   }
+}
+
+void Trainer::announce_run() {
+  if (s_.save.empty()) return;
+  // Checkpoints of --save past this one would be overwritten by this run's.
+  on_rank0([&] {
+    for (const std::string& path : list_checkpoints(s_.save)) {
+      const std::optional<std::int64_t> named = iteration_in_name(path);
+      if (rejected_.count(path) == 0 && named && *named > state_.iteration)
+        throw UserError("--save=" + s_.save + " holds " + path + ", past the iteration " +
+                        std::to_string(state_.iteration) + " this run starts from" +
+                        (s_.load.empty()
+                             ? std::string(" (no --load was given, so it would train from "
+                                           "iteration 0 and overwrite them)")
+                             : std::string()) +
+                        "; nothing was trained: pass --load=" + s_.save +
+                        " to resume it, or save to another folder");
+    }
+  });
+  on_rank0([&] {
+    const fs::path path = fs::path(s_.save) / "config.json";
+    std::ofstream out(path);
+    out << nlohmann::json::parse(state_.config_json).dump(1) << "\n";
+    out.flush();
+    if (!out) throw UserError("cannot write " + path.string() + " (the disk may be full)");
+  });
+  if (rank0()) {
+    const Layout& l = topo_.layout;
+    std::cout << "model: " << count_parameters(config_.arch).total << " parameters; layout data "
+              << l.data_parallel << " x tensor " << l.tensor_parallel << " x pipeline "
+              << l.pipeline_parallel << ", ZeRO stage " << l.zero_stage
+              << (l.sequence_parallel ? ", sequence parallel" : "") << "; batch " << s_.batch_size
+              << " x " << s_.sequence_length << " tokens" << std::endl;
+  }
+}
+
+void Trainer::count_skipped_step(std::int64_t done) {
+  ++skipped_in_a_row_;
+  ++skipped_total_;
+  record({{"iteration", done},
+          {"skipped", true},
+          {"loss", step_loss_},
+          {"grad_norm", step_grad_norm_},
+          {"skipped_in_a_row", skipped_in_a_row_},
+          {"skipped_total", skipped_total_}});
+  if (rank0())
+    std::cout << "iteration " << done << " | loss " << step_loss_ << " | grad norm "
+              << step_grad_norm_ << " | not finite: step skipped (" << skipped_in_a_row_
+              << " in a row, " << skipped_total_ << " in all)" << std::endl;
+  if (s_.max_skipped_steps > 0 && skipped_in_a_row_ >= s_.max_skipped_steps) {
+    const std::vector<std::string> kept =
+        s_.save.empty() ? std::vector<std::string>{} : list_checkpoints(s_.save);
+    throw UserError(
+        "stopping at iteration " + std::to_string(done) + ": " + std::to_string(skipped_in_a_row_) +
+        " steps in a row had a non-finite loss or gradient norm (--max_skipped_steps=" +
+        std::to_string(s_.max_skipped_steps) + "); the training diverged. Nothing was saved; " +
+        (kept.empty() ? std::string("no checkpoint was kept")
+                      : "the last checkpoint is " + kept.back()) +
+        ". Lower --lr or raise --lr_warmup_iters and resume from it");
+  }
+}
+
+int Trainer::run() {
+  prepare_save_folder();
+  open_data();
   restore();
   if (state_.iteration >= s_.train_iters) {
     if (rank0())
@@ -713,38 +784,7 @@ int Trainer::run() {
                 << " and --train_iters=" << s_.train_iters << "\n";
     return 0;
   }
-  if (!s_.save.empty()) {
-    // Checkpoints of --save past this one would be overwritten by this run's.
-    on_rank0([&] {
-      for (const std::string& path : list_checkpoints(s_.save)) {
-        const std::optional<std::int64_t> named = iteration_in_name(path);
-        if (rejected_.count(path) == 0 && named && *named > state_.iteration)
-          throw UserError("--save=" + s_.save + " holds " + path + ", past the iteration " +
-                          std::to_string(state_.iteration) + " this run starts from" +
-                          (s_.load.empty()
-                               ? std::string(" (no --load was given, so it would train from "
-                                             "iteration 0 and overwrite them)")
-                               : std::string()) +
-                          "; nothing was trained: pass --load=" + s_.save +
-                          " to resume it, or save to another folder");
-      }
-    });
-    on_rank0([&] {
-      const fs::path path = fs::path(s_.save) / "config.json";
-      std::ofstream out(path);
-      out << nlohmann::json::parse(state_.config_json).dump(1) << "\n";
-      out.flush();
-      if (!out) throw UserError("cannot write " + path.string() + " (the disk may be full)");
-    });
-    if (rank0()) {
-      const Layout& l = topo_.layout;
-      std::cout << "model: " << count_parameters(config_.arch).total << " parameters; layout data "
-                << l.data_parallel << " x tensor " << l.tensor_parallel << " x pipeline "
-                << l.pipeline_parallel << ", ZeRO-1 " << (l.zero_stage == 1 ? "on" : "off")
-                << "; batch " << s_.batch_size << " x " << s_.sequence_length << " tokens"
-                << std::endl;
-    }
-  }
+  announce_run();
 
   mark_start();
   prepare_samples();
@@ -763,30 +803,7 @@ int Trainer::run() {
     ++interval_iterations_;
     const std::int64_t done = it + 1;
     if (step_skipped_) {
-      ++skipped_in_a_row_;
-      ++skipped_total_;
-      record({{"iteration", done},
-              {"skipped", true},
-              {"loss", step_loss_},
-              {"grad_norm", step_grad_norm_},
-              {"skipped_in_a_row", skipped_in_a_row_},
-              {"skipped_total", skipped_total_}});
-      if (rank0())
-        std::cout << "iteration " << done << " | loss " << step_loss_ << " | grad norm "
-                  << step_grad_norm_ << " | not finite: step skipped (" << skipped_in_a_row_
-                  << " in a row, " << skipped_total_ << " in all)" << std::endl;
-      if (s_.max_skipped_steps > 0 && skipped_in_a_row_ >= s_.max_skipped_steps) {
-        const std::vector<std::string> kept =
-            s_.save.empty() ? std::vector<std::string>{} : list_checkpoints(s_.save);
-        throw UserError(
-            "stopping at iteration " + std::to_string(done) + ": " +
-            std::to_string(skipped_in_a_row_) +
-            " steps in a row had a non-finite loss or gradient norm (--max_skipped_steps=" +
-            std::to_string(s_.max_skipped_steps) + "); the training diverged. Nothing was saved; " +
-            (kept.empty() ? std::string("no checkpoint was kept")
-                          : "the last checkpoint is " + kept.back()) +
-            ". Lower --lr or raise --lr_warmup_iters and resume from it");
-      }
+      count_skipped_step(done);
     } else {
       skipped_in_a_row_ = 0;
       loss_sum += step_loss_;
