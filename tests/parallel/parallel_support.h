@@ -1,7 +1,10 @@
 #pragma once
 // What the layout tests share: a fixture's model flags, `fastllm` started under mpiexec and probe
 // outputs read back; support/numeric.h has the relative error every layout is held to.
+#include <gtest/gtest.h>
+
 #include <cmath>
+#include <filesystem>
 #include <map>
 #include <string>
 #include <vector>
@@ -49,6 +52,21 @@ inline std::map<std::string, std::vector<float>> read_tensors(const std::string&
     if (t.dtype != SafetensorsDtype::I64) out[t.name] = file.read_f32(t.name);
   }
   return out;
+}
+
+// One single-rank `fastllm probe` of `model_flags` on `input`, written to dir/KEY.safetensors;
+// cached by key for the whole test program, so a reference shared by several layouts runs once.
+inline std::map<std::string, std::vector<float>> single_rank_probe(const std::filesystem::path& dir,
+                                                                   const std::string& key,
+                                                                   const std::string& model_flags,
+                                                                   const std::string& input) {
+  static std::map<std::string, std::map<std::string, std::vector<float>>> cache;
+  if (cache.count(key)) return cache[key];
+  const std::string out = (dir / (key + ".safetensors")).string();
+  const CommandResult r =
+      run_fastllm("probe " + model_flags + " --input=" + input + " --output=" + out);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return cache[key] = read_tensors(out);
 }
 
 }  // namespace fastllm::test

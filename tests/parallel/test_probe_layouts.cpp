@@ -49,17 +49,10 @@ class ProbeLayouts : public ::testing::TestWithParam<Case> {
     return path;
   }
 
-  // One single-rank probe of `model_flags` on the input at `input`.
   static std::map<std::string, std::vector<float>> single(const std::string& key,
                                                           const std::string& model_flags,
                                                           const std::string& input) {
-    static std::map<std::string, std::map<std::string, std::vector<float>>> cache;
-    if (cache.count(key)) return cache[key];
-    const std::string out = (dir() / (key + ".safetensors")).string();
-    const CommandResult r =
-        run_fastllm("probe " + model_flags + " --input=" + input + " --output=" + out);
-    EXPECT_EQ(r.exit_code, 0) << r.err;
-    return cache[key] = read_tensors(out);
+    return single_rank_probe(dir().path(), key, model_flags, input);
   }
 };
 

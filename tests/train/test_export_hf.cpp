@@ -237,19 +237,7 @@ TEST_F(ExportTarget, OutputThatIsAFileIsRefused) {
 TEST(ExportFailure, NonFiniteWeightLeavesNoPartialOutput) {
   TempDir dir;
   const fs::path source = dir / "nan-model";
-  fs::create_directories(source);
-  fs::copy_file(kFixtures + "/dev-mistral/config.json", source / "config.json");
-  const SafetensorsCheckpoint fixture = SafetensorsCheckpoint::open(kFixtures + "/dev-mistral");
-  std::vector<std::vector<float>> values;
-  std::vector<SafetensorsTensor> tensors;
-  for (const std::string& name : fixture.names()) {
-    values.push_back(fixture.read_f32(name));
-    if (name == "lm_head.weight") values.back()[7] = std::numeric_limits<float>::quiet_NaN();
-    tensors.push_back({name, SafetensorsDtype::F32, fixture.info(name).shape, {}});
-  }
-  for (std::size_t i = 0; i < tensors.size(); ++i)
-    tensors[i].data = std::as_bytes(std::span<const float>(values[i]));
-  write_safetensors(source / "model.safetensors", tensors);
+  write_model_with_nan(source, 7);
   const std::string ckpt = convert(dir, source.string());
 
   const fs::path out = dir / "hf";

@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
+#include <limits>
+
 #include "io/indexed_dataset.h"
 #include "io/safetensors.h"
 
@@ -48,6 +51,23 @@ std::map<std::string, std::vector<float>> read_all(const std::string& path) {
   for (const std::string& name : checkpoint.names())
     out[name] = checkpoint.read_f32(name);
   return out;
+}
+
+void write_model_with_nan(const std::string& folder, std::int64_t element) {
+  namespace fs = std::filesystem;
+  fs::create_directories(folder);
+  fs::copy_file(kFixtures + "/dev-mistral/config.json", fs::path(folder) / "config.json");
+  const SafetensorsCheckpoint fixture = SafetensorsCheckpoint::open(kFixtures + "/dev-mistral");
+  std::vector<std::vector<float>> values;
+  std::vector<SafetensorsTensor> tensors;
+  for (const std::string& name : fixture.names()) {
+    values.push_back(fixture.read_f32(name));
+    if (name == "lm_head.weight") values.back()[element] = std::numeric_limits<float>::quiet_NaN();
+    tensors.push_back({name, SafetensorsDtype::F32, fixture.info(name).shape, {}});
+  }
+  for (std::size_t i = 0; i < tensors.size(); ++i)
+    tensors[i].data = std::as_bytes(std::span<const float>(values[i]));
+  write_safetensors((fs::path(folder) / "model.safetensors").string(), tensors);
 }
 
 }  // namespace fastllm::test

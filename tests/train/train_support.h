@@ -23,6 +23,10 @@ std::string fixture_train_flags(const std::string& fixture, const std::string& d
 // Every record of <dir>/metrics.jsonl that has `key`, in order.
 std::vector<nlohmann::json> metrics(const std::string& dir, const std::string& key);
 
+// A Hugging Face folder with dev-mistral's config and weights (F32, one file), but
+// lm_head.weight[element] = NaN.
+void write_model_with_nan(const std::string& folder, std::int64_t element);
+
 // Every tensor of a safetensors file or folder as float, by name.
 std::map<std::string, std::vector<float>> read_all(const std::string& path);
 
