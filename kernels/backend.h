@@ -199,10 +199,6 @@ class Backend {
   // counts[e] += tokens whose top-k holds e; prob_sums[e] += sum over tokens of probs[t,e].
   virtual void router_statistics(Tensor probs, Tensor topk_index, Tensor counts,
                                  Tensor prob_sums) = 0;
-  // Sorts the tokens x k slots by expert (stable by slot): sorted_slot[i] = t * k + j,
-  // sorted_token[i] = t. Returns the host offsets [experts + 1] of each expert's run.
-  virtual std::vector<std::int64_t> moe_permute(Tensor topk_index, int experts, Tensor sorted_token,
-                                                Tensor sorted_slot) = 0;
   // dst[i] = src[index[i]] for rows of width src.size(-1).
   virtual void gather_rows(Tensor src, Tensor index, Tensor dst) = 0;
   // dst[index[i]] += weight[i] * src[i]; weight may be an empty tensor (all ones).
@@ -211,8 +207,9 @@ class Backend {
   virtual void scale_rows(Tensor y, Tensor weight) = 0;
   // out[i] = dot(a[i], b[index[i]])
   virtual void dot_rows_gathered(Tensor a, Tensor b, Tensor index, Tensor out) = 0;
-  // moe_permute that leaves the run offsets in the backend's memory: offsets I32 [experts + 1],
-  // for the grouped linear ops, with no copy to the host.
+  // Sorts the tokens x k slots by expert (stable by slot): sorted_slot[i] = t * k + j,
+  // sorted_token[i] = t; offsets I32 [experts + 1], each expert's first sorted row, stay in the
+  // backend's memory for the grouped linear ops, with no copy to the host.
   virtual void moe_permute_offsets(Tensor topk_index, int experts, Tensor sorted_token,
                                    Tensor sorted_slot, Tensor offsets) = 0;
 

@@ -112,8 +112,6 @@ class CudaBackend final : public Backend {
   void router_backward(Tensor probs, Tensor topk_index, Tensor dtopk_weight,
                        Tensor dprob_per_expert, Tensor dlogits) override;
   void router_statistics(Tensor probs, Tensor topk_index, Tensor counts, Tensor prob_sums) override;
-  std::vector<std::int64_t> moe_permute(Tensor topk_index, int experts, Tensor sorted_token,
-                                        Tensor sorted_slot) override;
   void gather_rows(Tensor src, Tensor index, Tensor dst) override;
   void scatter_add_rows(Tensor src, Tensor index, Tensor weight, Tensor dst) override;
   void scale_rows(Tensor y, Tensor weight) override;

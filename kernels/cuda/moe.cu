@@ -285,44 +285,6 @@ void CudaBackend::router_statistics(Tensor probs, Tensor topk_index, Tensor coun
   check_flag(op, "an expert index is outside [0, experts)");
 }
 
-std::vector<std::int64_t> CudaBackend::moe_permute(Tensor topk_index, int experts,
-                                                   Tensor sorted_token, Tensor sorted_slot) {
-  const char* op = "moe_permute";
-  require_dtype(topk_index, DType::I32, op, "topk_index");
-  require_dtype(sorted_token, DType::I32, op, "sorted_token");
-  require_dtype(sorted_slot, DType::I32, op, "sorted_slot");
-  require(experts >= 1, op, "experts must be positive");
-  const std::int64_t slots = topk_index.numel();
-  const std::int64_t top_k = row_width(topk_index);
-  require(top_k > 0 || slots == 0, op, "topk_index has no columns");
-  require_numel(sorted_token, slots, op, "sorted_token");
-  require_numel(sorted_slot, slots, op, "sorted_slot");
-  // The caller needs the run offsets on the host anyway, so the (small) index array comes over
-  // and a counting sort there, stable by slot, makes both permutations.
-  std::vector<std::int32_t> index(static_cast<std::size_t>(slots));
-  copy_to_host(index.data(), topk_index);
-  std::vector<std::int64_t> offsets(static_cast<std::size_t>(experts) + 1, 0);
-  for (std::int64_t i = 0; i < slots; ++i) {
-    if (index[i] < 0 || index[i] >= experts)
-      fail(op, "index " + std::to_string(index[i]) + " at position " + std::to_string(i) +
-                   " is outside [0, " + std::to_string(experts) + ")");
-    ++offsets[index[i] + 1];
-  }
-  for (int e = 0; e < experts; ++e)
-    offsets[e + 1] += offsets[e];
-  std::vector<std::int64_t> next(offsets.begin(), offsets.end() - 1);
-  std::vector<std::int32_t> tokens(static_cast<std::size_t>(slots));
-  std::vector<std::int32_t> slot_order(static_cast<std::size_t>(slots));
-  for (std::int64_t i = 0; i < slots; ++i) {
-    const std::int64_t at = next[index[i]]++;
-    slot_order[at] = static_cast<std::int32_t>(i);
-    tokens[at] = static_cast<std::int32_t>(i / top_k);
-  }
-  copy_from_host(sorted_slot, slot_order.data());
-  copy_from_host(sorted_token, tokens.data());
-  return offsets;
-}
-
 // The sort runs on the device (a stable radix sort of the expert indices) and the offsets stay
 // there: the only wait is the index check, as in the row ops around it.
 void CudaBackend::moe_permute_offsets(Tensor topk_index, int experts, Tensor sorted_token,

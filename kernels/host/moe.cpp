@@ -156,47 +156,38 @@ void HostBackend::router_statistics(Tensor probs, Tensor topk_index, Tensor coun
   }
 }
 
-std::vector<std::int64_t> HostBackend::moe_permute(Tensor topk_index, int experts,
-                                                   Tensor sorted_token, Tensor sorted_slot) {
-  const char* op = "moe_permute";
+void HostBackend::moe_permute_offsets(Tensor topk_index, int experts, Tensor sorted_token,
+                                      Tensor sorted_slot, Tensor offsets) {
+  const char* op = "moe_permute_offsets";
   host::require_dtype(topk_index, DType::I32, op, "topk_index");
   host::require_dtype(sorted_token, DType::I32, op, "sorted_token");
   host::require_dtype(sorted_slot, DType::I32, op, "sorted_slot");
+  host::require_dtype(offsets, DType::I32, op, "offsets");
   host::require(experts >= 1, op, "experts must be positive");
   const std::int64_t slots = topk_index.numel();
   const std::int64_t top_k = host::row_width(topk_index);
   host::require(top_k > 0 || slots == 0, op, "topk_index has no columns");
   host::require_numel(sorted_token, slots, op, "sorted_token");
   host::require_numel(sorted_slot, slots, op, "sorted_slot");
+  host::require_numel(offsets, static_cast<std::int64_t>(experts) + 1, op, "offsets");
+  host::require(slots <= INT32_MAX, op, "more than 2^31 - 1 slots");
   const std::int32_t* index = topk_index.as<std::int32_t>();
   require_indices(index, slots, experts, op);
   // Counting sort: visiting the slots in order keeps it stable.
-  std::vector<std::int64_t> offsets(static_cast<std::size_t>(experts) + 1, 0);
+  std::int32_t* run = offsets.as<std::int32_t>();
+  std::fill_n(run, experts + 1, 0);
   for (std::int64_t i = 0; i < slots; ++i)
-    ++offsets[index[i] + 1];
+    ++run[index[i] + 1];
   for (int e = 0; e < experts; ++e)
-    offsets[e + 1] += offsets[e];
-  std::vector<std::int64_t> next(offsets.begin(), offsets.end() - 1);
+    run[e + 1] += run[e];
+  std::vector<std::int32_t> next(run, run + experts);
   std::int32_t* token_out = sorted_token.as<std::int32_t>();
   std::int32_t* slot_out = sorted_slot.as<std::int32_t>();
   for (std::int64_t i = 0; i < slots; ++i) {
-    const std::int64_t at = next[index[i]]++;
+    const std::int32_t at = next[index[i]]++;
     slot_out[at] = static_cast<std::int32_t>(i);
     token_out[at] = static_cast<std::int32_t>(i / top_k);
   }
-  return offsets;
-}
-
-void HostBackend::moe_permute_offsets(Tensor topk_index, int experts, Tensor sorted_token,
-                                      Tensor sorted_slot, Tensor offsets) {
-  host::require_dtype(offsets, DType::I32, "moe_permute_offsets", "offsets");
-  host::require_numel(offsets, static_cast<std::int64_t>(experts) + 1, "moe_permute_offsets",
-                      "offsets");
-  const std::vector<std::int64_t> runs =
-      moe_permute(topk_index, experts, sorted_token, sorted_slot);
-  host::require(runs.back() <= INT32_MAX, "moe_permute_offsets", "more than 2^31 - 1 slots");
-  std::transform(runs.begin(), runs.end(), offsets.as<std::int32_t>(),
-                 [](std::int64_t v) { return static_cast<std::int32_t>(v); });
 }
 
 namespace {

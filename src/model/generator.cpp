@@ -124,25 +124,13 @@ void Generator::attention(Layer& layer, Tensor x, std::int64_t offset) {
   backend_.add(x, y.t, 1.0f);
 }
 
-void Generator::expert(const Mlp& mlp, Tensor x, Tensor out) {
-  const std::int64_t rows = x.size(0), f = mlp.up->shape[0];
-  const DType dt = backend_.compute_dtype();
-  DeviceArray up = allocate(dt, {rows, f}), act = allocate(dt, {rows, f});
-  linear(x, mlp.up, mlp.up_bias, up.t);
-  if (mlp.gate) {
-    DeviceArray gate = allocate(dt, {rows, f});
-    linear(x, mlp.gate, mlp.gate_bias, gate.t);
-    backend_.gated_forward(arch_.activation, gate.t, up.t, act.t);
-  } else {
-    backend_.activation_forward(arch_.activation, up.t, act.t);
-  }
-  linear(act.t, mlp.down, row_parallel_bias(mlp.down_bias), out);
-}
-
 void Generator::mlp(const Layer& layer, Tensor x) {
   const DeviceArray h = norm(x, layer.norm2, layer.norm2_bias);
-  DeviceArray y = allocate(backend_.compute_dtype(), {x.size(0), arch_.hidden_size});
-  expert(layer.mlps[0], h.t, y.t);
+  const std::int64_t rows = x.size(0), f = layer.mlps[0].up->shape[0];
+  const DType dt = backend_.compute_dtype();
+  DeviceArray gate = allocate(dt, {rows, f}), up = allocate(dt, {rows, f}),
+              act = allocate(dt, {rows, f}), y = allocate(dt, {rows, arch_.hidden_size});
+  model_.expert_forward(layer.mlps[0], h.t, gate.t, up.t, act.t, y.t);
   tp_sum(y.t);
   backend_.add(x, y.t, 1.0f);
 }
@@ -162,17 +150,17 @@ void Generator::moe(const Layer& layer, Tensor x) {
   backend_.router_forward(logits.t, static_cast<int>(k), probs.t, topk_index.t, topk_weight.t);
   DeviceArray sorted_token = allocate(DType::I32, {slots}),
               sorted_slot = allocate(DType::I32, {slots});
-  const std::vector<std::int64_t> offsets =
-      backend_.moe_permute(topk_index.t, static_cast<int>(experts), sorted_token.t, sorted_slot.t);
+  DeviceArray offsets = allocate(DType::I32, {experts + 1});
+  backend_.moe_permute_offsets(topk_index.t, static_cast<int>(experts), sorted_token.t,
+                               sorted_slot.t, offsets.t);
   DeviceArray slot_weight = allocate(DType::F32, {slots, 1});
   backend_.gather_rows(topk_weight.t.view({slots, 1}), sorted_slot.t, slot_weight.t);
   DeviceArray rows_in = allocate(dt, {slots, hidden}), rows_out = allocate(dt, {slots, hidden});
   backend_.gather_rows(h.t, sorted_token.t, rows_in.t);
-  for (std::int64_t e = 0; e < experts; ++e) {
-    const std::int64_t begin = offsets[e], count = offsets[e + 1] - begin;
-    if (count > 0)
-      expert(layer.mlps[e], rows_in.t.rows(begin, count), rows_out.t.rows(begin, count));
-  }
+  const std::int64_t f = layer.mlps[0].up->shape[0];
+  DeviceArray gate = allocate(dt, {slots, f}), up = allocate(dt, {slots, f}),
+              act = allocate(dt, {slots, f});
+  model_.expert_forward(layer.mlps, offsets.t, rows_in.t, gate.t, up.t, act.t, rows_out.t);
   DeviceArray y = allocate(dt, {tokens, hidden});
   backend_.fill(y.t, 0.0f);
   backend_.scatter_add_rows(rows_out.t, sorted_token.t, slot_weight.t.view({slots}), y.t);

@@ -41,7 +41,6 @@ class Generator {
                                      const GenerationSettings& settings);
 
  private:
-  using Mlp = MlpWeights;
   struct Layer : LayerWeights {
     DeviceArray k_cache, v_cache;  // [1, capacity, kv heads of this rank, head_dim]
   };
@@ -52,7 +51,6 @@ class Generator {
   void attention(Layer& layer, Tensor x, std::int64_t offset);
   void mlp(const Layer& layer, Tensor x);
   void moe(const Layer& layer, Tensor x);
-  void expert(const Mlp& mlp, Tensor x, Tensor out);
   DeviceArray norm(Tensor x, const Parameter* weight, const Parameter* bias);
   void linear(Tensor x, const Parameter* weight, const Parameter* bias, Tensor y);
   void tp_sum(Tensor t);

@@ -143,6 +143,15 @@ class Model {
   StageTensors backward_stage(std::unique_ptr<ForwardState> state, StageTensors grad,
                               double aux_scale);
 
+  // The MLP of a dense layer or one expert over rows x: out = down(act(gate(x)) * up(x)), gate
+  // unused when the MLP is not gated; and all experts at once, rows [offsets[e], offsets[e + 1])
+  // through mlps[e], each projection one grouped op with the offsets on the device. Public for the
+  // Generator, whose decoding runs the same forward.
+  void expert_forward(const MlpWeights& mlp, Tensor x, Tensor gate, Tensor up, Tensor act,
+                      Tensor out);
+  void expert_forward(const std::vector<MlpWeights>& mlps, Tensor offsets, Tensor x, Tensor gate,
+                      Tensor up, Tensor act, Tensor out);
+
  private:
   using Mlp = MlpWeights;
   using Layer = LayerWeights;
@@ -189,15 +198,9 @@ class Model {
   void moe_forward(const Layer& layer, Tensor x, MlpActivations& a, Tensor router_sums);
   void moe_backward(const Layer& layer, Tensor x, MlpActivations& a, Tensor dprob_per_expert,
                     Tensor dy);
-  // One expert's (or the dense) MLP over rows x: out = down(act(gate(x)) * up(x)).
-  void expert_forward(const Mlp& mlp, Tensor x, Tensor gate, Tensor up, Tensor act, Tensor out);
   // Overwrites gate, up and act with their gradients, then writes dx.
   void expert_backward(const Mlp& mlp, Tensor x, Tensor gate, Tensor up, Tensor act, Tensor dout,
                        Tensor dx);
-  // All experts at once: rows [offsets[e], offsets[e + 1]) of the row tensors go through
-  // mlps[e], each projection one grouped op, the offsets staying on the device.
-  void expert_forward(const std::vector<Mlp>& mlps, Tensor offsets, Tensor x, Tensor gate,
-                      Tensor up, Tensor act, Tensor out);
   void expert_backward(const std::vector<Mlp>& mlps, Tensor offsets, Tensor x, Tensor gate,
                        Tensor up, Tensor act, Tensor dout, Tensor dx);
 
