@@ -22,7 +22,10 @@
 
 namespace fastllm {
 
-enum class DType : std::uint8_t { F32, BF16, I32 };
+// F16 is an input dtype of the CUDA backend's fused attention only (and of copy, to make such
+// inputs): every other op rejects it, and no model computes in it (training in fp16 would need
+// loss scaling).
+enum class DType : std::uint8_t { F32, BF16, I32, F16 };
 std::size_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);
 
@@ -85,8 +88,9 @@ struct AdamWStepScalars {
   float grad_scale = 1;
 };
 
-// Which attention kernel a CUDA backend runs: cuDNN's fused SDPA (bf16 only; fp32 compute takes
-// the own kernel) or the backend's own FlashAttention-style kernel. The host backend has one.
+// Which attention kernel a CUDA backend runs: cuDNN's fused SDPA (bf16 or f16 inputs; fp32
+// compute takes the own kernel) or the backend's own FlashAttention-style kernel (f32 or bf16).
+// The host backend has one.
 enum class AttentionKernel { Cudnn, Own };
 
 class Backend {
@@ -100,7 +104,8 @@ class Backend {
   virtual Buffer allocate(std::size_t bytes) = 0;
   virtual void copy_from_host(Tensor dst, const void* src) = 0;
   virtual void copy_to_host(void* dst, Tensor src) = 0;
-  virtual void copy(Tensor dst, Tensor src) = 0;  // same shape; converts F32 <-> BF16
+  // Same shape; converts F32 <-> BF16, and on CUDA F16 <-> F32 or BF16.
+  virtual void copy(Tensor dst, Tensor src) = 0;
   virtual void fill(Tensor t, float value) = 0;
   virtual void synchronize() = 0;
 
@@ -119,6 +124,14 @@ class Backend {
                     float alpha, Tensor a, Tensor b, float beta, Tensor c) = 0;
   virtual void add_bias(Tensor y, Tensor bias) = 0;         // y[r,n] += bias[n]
   virtual void bias_backward(Tensor dy, Tensor dbias) = 0;  // dbias[n] += sum_r dy[r,n]
+  // A linear layer as one op, so that a backend can fuse the bias into the GEMM (cuBLASLt's
+  // epilogues): weight [out, in], x [rows, in] (any shape of rows * in elements), y [rows, out];
+  // bias [out] or an empty tensor for no bias.
+  // y = x weight^T + bias.
+  virtual void linear_forward(Tensor x, Tensor weight, Tensor bias, Tensor y) = 0;
+  // dweight += dy^T x and dbias += the sum of dy's rows (dbias empty: no bias); dy [rows, out],
+  // dweight [out, in] and dbias [out] F32, as every parameter gradient.
+  virtual void linear_backward_weight(Tensor x, Tensor dy, Tensor dweight, Tensor dbias) = 0;
 
   // ---- token embedding (vocab-parallel: this rank holds rows [vocab_offset, vocab_offset + V))
   // ---- out[t] = table[ids[t] - vocab_offset], or 0 when the id is not in this rank's rows.
@@ -146,6 +159,8 @@ class Backend {
   // ---- causal grouped-query attention ----
   // q, out [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads, head_dim];
   // lse [batch, heads, seq] (F32) keeps the log-sum-exp of each query row for backward.
+  // On CUDA, q, k, v, out and their gradients may also be F16 (cuDNN's fused SDPA only; the
+  // document variants below take no F16).
   // window > 0: query i sees keys j with i - window < j <= i; window = 0: all j <= i.
   virtual void attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
                                  Tensor lse) = 0;

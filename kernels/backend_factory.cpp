@@ -25,6 +25,9 @@ bool backend_available(const std::string& name) {
   return false;
 }
 
+// No fp16: DType::F16 exists as an input dtype of the CUDA backend's fused attention only.
+// Training in fp16 would need loss scaling (its 5 exponent bits underflow small gradients), which
+// fastllm does not do, so it is no compute dtype.
 DType parse_compute_dtype(const std::string& value) {
   if (value == "fp32" || value == "f32") return DType::F32;
   if (value == "bf16") return DType::BF16;

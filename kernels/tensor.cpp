@@ -10,6 +10,7 @@ std::size_t dtype_size(DType dtype) {
     case DType::I32:
       return 4;
     case DType::BF16:
+    case DType::F16:
       return 2;
   }
   throw std::invalid_argument("unknown dtype");
@@ -23,6 +24,8 @@ const char* dtype_name(DType dtype) {
       return "bf16";
     case DType::I32:
       return "i32";
+    case DType::F16:
+      return "f16";
   }
   return "?";
 }

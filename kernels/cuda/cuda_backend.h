@@ -32,10 +32,13 @@ struct CudaMemoryStats {
 CudaMemoryStats cuda_memory_stats(Backend& backend);
 
 // What ran where on a CUDA backend since it was made: GEMMs cuBLASLt had no algorithm for (run by
-// the own, slow kernel; each shape is also reported once on stderr), and attention calls (forward
-// and backward each count) run by cuDNN's fused SDPA or by the own kernel.
+// the own, slow kernel; each shape is also reported once on stderr), linear layers whose bias or
+// bias gradient cuBLASLt could not fuse into the GEMM as an epilogue (run as the plain GEMM and
+// the bias kernel; reported alike), and attention calls (forward and backward each count) run by
+// cuDNN's fused SDPA or by the own kernel.
 struct CudaKernelStats {
   std::int64_t gemm_fallbacks = 0;
+  std::int64_t epilogue_fallbacks = 0;
   std::int64_t cudnn_attention = 0;
   std::int64_t own_attention = 0;
 };

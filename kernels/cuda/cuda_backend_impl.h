@@ -66,6 +66,8 @@ class CudaBackend final : public Backend {
             Tensor a, Tensor b, float beta, Tensor c) override;
   void add_bias(Tensor y, Tensor bias) override;
   void bias_backward(Tensor dy, Tensor dbias) override;
+  void linear_forward(Tensor x, Tensor weight, Tensor bias, Tensor y) override;
+  void linear_backward_weight(Tensor x, Tensor dy, Tensor dweight, Tensor dbias) override;
 
   void embedding_forward(Tensor ids, Tensor table, std::int64_t vocab_offset, Tensor out) override;
   void embedding_backward(Tensor ids, Tensor dout, std::int64_t vocab_offset,
@@ -144,7 +146,7 @@ class CudaBackend final : public Backend {
   std::size_t max_shared_per_block() const { return max_shared_per_block_; }
   CudaMemoryStats memory_stats() const { return allocator_->stats(); }
   CudaKernelStats kernel_stats() const {
-    return {gemm_fallbacks_, cudnn_attention_calls_, own_attention_calls_};
+    return {gemm_fallbacks_, epilogue_fallbacks_, cudnn_attention_calls_, own_attention_calls_};
   }
   // Device memory for one op's intermediates; released to the cache when the Buffer goes, which
   // is safe because later work runs after the op on the same stream.
@@ -174,8 +176,16 @@ class CudaBackend final : public Backend {
 
   void gemm_lt(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
                float alpha, Tensor a, Tensor b, float beta, Tensor c);
+  // The plan of c = op(a) op(b) with cuBLASLt's epilogue (a cublasLtEpilogue_t) over the vector
+  // at `vector` (nullptr for CUBLASLT_EPILOGUE_DEFAULT) of dtype vector_dtype.
   GemmPlan* gemm_plan(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
-                      const Tensor& a, const Tensor& b, const Tensor& c);
+                      const Tensor& a, const Tensor& b, const Tensor& c,
+                      cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT,
+                      const void* vector = nullptr, DType vector_dtype = DType::F32);
+  // cuBLASLt runs c = alpha op(a) op(b) + beta c on the plan; false (the plan marked fallback,
+  // with its reason) when it has no algorithm for it.
+  bool lt_matmul(GemmPlan& plan, float alpha, const Tensor& a, const Tensor& b, float beta,
+                 const Tensor& c, const void* vector);
 
   DType compute_;
   int device_ = 0;
@@ -194,16 +204,24 @@ class CudaBackend final : public Backend {
   // After the stream was synchronised: throws when an index check of unchecked_ failed.
   void raise_index_errors();
   Buffer gemm_workspace_;
-  // Transpositions, m, n, k, dtypes of a, b, c and their pointers' alignments.
-  using GemmKey =
-      std::tuple<int, int, std::int64_t, std::int64_t, std::int64_t, int, int, int, int, int, int>;
+  // Transpositions, m, n, k, dtypes of a, b, c, their pointers' alignments, the epilogue and the
+  // alignment of its vector.
+  using GemmKey = std::tuple<int, int, std::int64_t, std::int64_t, std::int64_t, int, int, int, int,
+                             int, int, int, int>;
+  GemmKey gemm_key(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                   const Tensor& a, const Tensor& b, const Tensor& c, cublasLtEpilogue_t epilogue,
+                   const void* vector);
   // Counts a GEMM the own kernel runs and reports its shape on stderr the first time.
   void gemm_fallback(const GemmKey& key, const char* why);
+  // Counts a linear layer whose bias epilogue cuBLASLt did not take (the plain GEMM and the bias
+  // kernel run it) and reports its shape on stderr the first time.
+  void epilogue_fallback(const GemmKey& key, const char* why);
   // Bounded: under MoE the row counts change every step, and each would otherwise stay. Held by
   // shared_ptr, whose deleter is fixed where GemmPlan is complete (matmul.cu).
   LruCache<GemmKey, std::shared_ptr<GemmPlan>> gemm_plans_{256};
   LruCache<GemmKey, bool> gemm_fallbacks_reported_{1024};
   std::int64_t gemm_fallbacks_ = 0;
+  std::int64_t epilogue_fallbacks_ = 0;
   std::int64_t cudnn_attention_calls_ = 0;
   std::int64_t own_attention_calls_ = 0;
   struct RopeTables {

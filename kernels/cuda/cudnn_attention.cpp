@@ -1,10 +1,11 @@
 // Attention through cuDNN's fused scaled-dot-product attention (cuDNN 9, graphs made with the
 // header-only cudnn-frontend): causal with top-left diagonal alignment, the sliding window as the
 // band's left bound (query i keeps keys j with j + window > i), grouped KV heads read in place
-// (cuDNN takes fewer K/V heads than query heads), bf16 in and out with f32 arithmetic. cuDNN's
+// (cuDNN takes fewer K/V heads than query heads), bf16 or f16 in and out with f32 arithmetic
+// (f16 is taken here only: no other op of the backend computes in it). cuDNN's
 // softmax statistics ("Stats": max + ln(sum exp) of the scaled scores, [batch, heads, seq, 1])
 // are exactly the natural-log lse of kernels/backend.h, in the same layout, so the two kernels'
-// lse are interchangeable. Graphs are built once per shape and kept in a bounded cache.
+// lse are interchangeable. Graphs are built once per shape and dtype and kept in a bounded cache.
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -30,16 +31,18 @@ namespace fastllm::cuda {
 #if FASTLLM_HAVE_CUDNN
 namespace {
 
-// One attention call's sizes; window 0 or >= seq means no window.
+// One attention call's sizes and input dtype (BF16 or F16); window 0 or >= seq means no window.
 struct AttentionShape {
   std::int64_t batch = 0, seq = 0, heads = 0, kv_heads = 0, dim = 0, window = 0;
+  DType dtype = DType::BF16;
   auto key(bool backward) const {
-    return std::make_tuple(backward, batch, seq, heads, kv_heads, dim, window);
+    return std::make_tuple(backward, batch, seq, heads, kv_heads, dim, window, int(dtype));
   }
   std::string describe() const {
-    return "batch " + std::to_string(batch) + ", seq " + std::to_string(seq) + ", heads " +
-           std::to_string(heads) + "/" + std::to_string(kv_heads) + ", head_dim " +
-           std::to_string(dim) + ", window " + std::to_string(window);
+    return std::string(dtype_name(dtype)) + ", batch " + std::to_string(batch) + ", seq " +
+           std::to_string(seq) + ", heads " + std::to_string(heads) + "/" +
+           std::to_string(kv_heads) + ", head_dim " + std::to_string(dim) + ", window " +
+           std::to_string(window);
   }
 };
 
@@ -52,18 +55,20 @@ bool has_shape(const Tensor& t, DType dtype, std::initializer_list<std::int64_t>
   return true;
 }
 
-// The cuDNN case: q, k, v (and out) bf16 [batch, seq, heads or kv_heads, dim] with heads a
-// multiple of kv_heads, lse f32 [batch, heads, seq]. Anything else goes to the own kernel, which
-// also reports malformed arguments.
+// The cuDNN case: q, k, v (and out) of one dtype, bf16 or f16, [batch, seq, heads or kv_heads,
+// dim] with heads a multiple of kv_heads, lse f32 [batch, heads, seq]. Anything else goes to the
+// own kernel, which also reports malformed arguments.
 bool cudnn_shape(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                  const Tensor& lse, std::int64_t window, AttentionShape& s) {
   if (q.rank != 4 || k.rank != 4 || window < 0) return false;
-  s = {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), window >= q.size(1) ? 0 : window};
+  if (q.dtype != DType::BF16 && q.dtype != DType::F16) return false;
+  s = {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), window >= q.size(1) ? 0 : window,
+       q.dtype};
   if (s.kv_heads <= 0 || s.heads % s.kv_heads != 0 || q.numel() == 0) return false;
-  return has_shape(q, DType::BF16, {s.batch, s.seq, s.heads, s.dim}) &&
-         has_shape(k, DType::BF16, {s.batch, s.seq, s.kv_heads, s.dim}) &&
-         has_shape(v, DType::BF16, {s.batch, s.seq, s.kv_heads, s.dim}) &&
-         has_shape(out, DType::BF16, {s.batch, s.seq, s.heads, s.dim}) &&
+  return has_shape(q, s.dtype, {s.batch, s.seq, s.heads, s.dim}) &&
+         has_shape(k, s.dtype, {s.batch, s.seq, s.kv_heads, s.dim}) &&
+         has_shape(v, s.dtype, {s.batch, s.seq, s.kv_heads, s.dim}) &&
+         has_shape(out, s.dtype, {s.batch, s.seq, s.heads, s.dim}) &&
          has_shape(lse, DType::F32, {s.batch, s.heads, s.seq});
 }
 
@@ -116,16 +121,16 @@ float softmax_scale(const AttentionShape& s) {
   return static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.dim)));
 }
 
-std::shared_ptr<fe::graph::Graph> new_graph() {
+std::shared_ptr<fe::graph::Graph> new_graph(const AttentionShape& s) {
   auto graph = std::make_shared<fe::graph::Graph>();
-  graph->set_io_data_type(fe::DataType_t::BFLOAT16)
+  graph->set_io_data_type(s.dtype == DType::F16 ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
   return graph;
 }
 
 std::shared_ptr<fe::graph::Graph> forward_graph(const AttentionShape& s) {
-  auto graph = new_graph();
+  auto graph = new_graph(s);
   auto q = graph->tensor(bshd("Q", kQ, s.batch, s.heads, s.seq, s.dim));
   auto k = graph->tensor(bshd("K", kK, s.batch, s.kv_heads, s.seq, s.dim));
   auto v = graph->tensor(bshd("V", kV, s.batch, s.kv_heads, s.seq, s.dim));
@@ -148,7 +153,7 @@ std::shared_ptr<fe::graph::Graph> forward_graph(const AttentionShape& s) {
 }
 
 std::shared_ptr<fe::graph::Graph> backward_graph(const AttentionShape& s) {
-  auto graph = new_graph();
+  auto graph = new_graph(s);
   auto q = graph->tensor(bshd("Q", kQ, s.batch, s.heads, s.seq, s.dim));
   auto k = graph->tensor(bshd("K", kK, s.batch, s.kv_heads, s.seq, s.dim));
   auto v = graph->tensor(bshd("V", kV, s.batch, s.kv_heads, s.seq, s.dim));
@@ -254,10 +259,10 @@ bool CudaBackend::cudnn_attention_backward(Tensor q, Tensor k, Tensor v, Tensor 
                                            Tensor dv) {
   AttentionShape s;
   if (attention_kernel_ != AttentionKernel::Cudnn || !cudnn_shape(q, k, v, out, lse, window, s) ||
-      !has_shape(dout, DType::BF16, {s.batch, s.seq, s.heads, s.dim}) ||
-      !has_shape(dq, DType::BF16, {s.batch, s.seq, s.heads, s.dim}) ||
-      !has_shape(dk, DType::BF16, {s.batch, s.seq, s.kv_heads, s.dim}) ||
-      !has_shape(dv, DType::BF16, {s.batch, s.seq, s.kv_heads, s.dim}))
+      !has_shape(dout, s.dtype, {s.batch, s.seq, s.heads, s.dim}) ||
+      !has_shape(dq, s.dtype, {s.batch, s.seq, s.heads, s.dim}) ||
+      !has_shape(dk, s.dtype, {s.batch, s.seq, s.kv_heads, s.dim}) ||
+      !has_shape(dv, s.dtype, {s.batch, s.seq, s.kv_heads, s.dim}))
     return false;
   if (!cudnn_) cudnn_ = std::make_shared<CudnnAttention>(stream());
   const Graph& graph = cudnn_->graph(true, s);
@@ -305,12 +310,33 @@ bool CudaBackend::cudnn_attention_backward(Tensor, Tensor, Tensor, Tensor, Tenso
 
 #endif
 
+namespace {
+
+// f16 attention that cuDNN did not take: the own kernel has no f16 path, so say what would.
+void require_not_f16(const Tensor& q, const char* op) {
+  if (q.dtype == DType::F16)
+    fail(op,
+         "q is f16, which only cuDNN's fused attention takes (--attention_kernel=cudnn, a build "
+         "with cuDNN, consistent f16 tensors and a shape cuDNN supports); expected f32 or bf16 for "
+         "the own kernel");
+}
+
+void require_no_document_f16(const Tensor& q, const char* op) {
+  if (q.dtype == DType::F16)
+    fail(op,
+         "q is f16, expected f32 or bf16: packed documents run on the own kernel, and only "
+         "cuDNN's fused attention takes f16");
+}
+
+}  // namespace
+
 void CudaBackend::attention_forward(Tensor q, Tensor k, Tensor v, std::int64_t window, Tensor out,
                                     Tensor lse) {
   if (cudnn_attention_forward(q, k, v, window, out, lse)) {
     ++cudnn_attention_calls_;
     return;
   }
+  require_not_f16(q, "attention_forward");
   own_attention_forward(q, k, v, Tensor(), window, out, lse);
   ++own_attention_calls_;
 }
@@ -322,6 +348,7 @@ void CudaBackend::attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, T
     ++cudnn_attention_calls_;
     return;
   }
+  require_not_f16(q, "attention_backward");
   own_attention_backward(q, k, v, out, lse, dout, Tensor(), window, dq, dk, dv);
   ++own_attention_calls_;
 }
@@ -333,6 +360,7 @@ void CudaBackend::attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, T
 // layout this op's lse has; the own kernel takes the positions on the device as they are.
 void CudaBackend::document_attention_forward(Tensor q, Tensor k, Tensor v, Tensor positions,
                                              std::int64_t window, Tensor out, Tensor lse) {
+  require_no_document_f16(q, "document_attention_forward");
   own_attention_forward(q, k, v, positions, window, out, lse);
   ++own_attention_calls_;
 }
@@ -340,6 +368,7 @@ void CudaBackend::document_attention_forward(Tensor q, Tensor k, Tensor v, Tenso
 void CudaBackend::document_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
                                               Tensor dout, Tensor positions, std::int64_t window,
                                               Tensor dq, Tensor dk, Tensor dv) {
+  require_no_document_f16(q, "document_attention_backward");
   own_attention_backward(q, k, v, out, lse, dout, positions, window, dq, dk, dv);
   ++own_attention_calls_;
 }

@@ -2,6 +2,7 @@
 // Device-side helpers shared by the op files: bf16 <-> f32, reductions, dtype dispatch and launch
 // geometry.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -12,12 +13,18 @@
 namespace fastllm::cuda {
 
 using bf16 = __nv_bfloat16;
+// Only copy converts to and from f16 (the input dtype of cuDNN's fused attention); no op computes
+// in it, and dispatch_float rejects it.
+using f16 = __half;
 
 __device__ __forceinline__ float to_f32(float x) {
   return x;
 }
 __device__ __forceinline__ float to_f32(bf16 x) {
   return __bfloat162float(x);
+}
+__device__ __forceinline__ float to_f32(f16 x) {
+  return __half2float(x);
 }
 
 // Round to nearest even, as the host backend and PyTorch do; a NaN stays a quiet NaN.
@@ -41,6 +48,11 @@ __device__ __forceinline__ float from_f32<float>(float x) {
 template <>
 __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
   return f32_to_bf16(x);
+}
+// Round to nearest even, as the host's _Float16 and PyTorch do.
+template <>
+__device__ __forceinline__ f16 from_f32<f16>(float x) {
+  return __float2half_rn(x);
 }
 
 // Rounds x to T and back: what storing in T and reading again gives.
@@ -101,6 +113,7 @@ void dispatch_float(DType dtype, const char* op, Body&& body) {
       body.template operator()<bf16>();
       return;
     case DType::I32:
+    case DType::F16:
       break;
   }
   fail(op, std::string("tensor is ") + dtype_name(dtype) + ", expected f32 or bf16");

@@ -1,6 +1,7 @@
 #pragma once
-// One cuBLASLt matmul configured for a shape, dtypes and pointer alignments: made on the first
-// GEMM of that kind and reused for every later one.
+// One cuBLASLt matmul configured for a shape, dtypes, pointer alignments and epilogue (none, the
+// bias, or the bias gradient of a linear layer): made on the first GEMM of that kind and reused
+// for every later one.
 #include <cublasLt.h>
 
 #include <cstdint>
@@ -27,7 +28,11 @@ struct GemmPlan {
   // own tiled kernel runs it instead, counted and reported (CudaBackend::gemm_fallback).
   bool fallback = false;
   const char* fallback_reason = "";
-  std::tuple<int, int, std::int64_t, std::int64_t, std::int64_t, int, int, int, int, int, int> key;
+  // The epilogue's vector (CUBLASLT_MATMUL_DESC_BIAS_POINTER) is set on desc before each call;
+  // its alignment is part of the key, as the algorithm may depend on it.
+  std::tuple<int, int, std::int64_t, std::int64_t, std::int64_t, int, int, int, int, int, int, int,
+             int>
+      key;
 };
 
 }  // namespace fastllm::cuda

@@ -1,5 +1,6 @@
 // Dense layers: GEMMs through cuBLASLt (bf16 or f32 operands, f32 accumulation, no TF32), bias
-// add and its gradient.
+// add and its gradient, and the linear layer with its bias and bias gradient fused into the GEMM
+// as cuBLASLt epilogues.
 #include <cublasLt.h>
 
 #include <cstdio>
@@ -105,20 +106,30 @@ Buffer converted(CudaBackend& be, const Tensor& x, DType to, Tensor& out) {
 
 }  // namespace
 
+CudaBackend::GemmKey CudaBackend::gemm_key(bool trans_a, bool trans_b, std::int64_t m,
+                                           std::int64_t n, std::int64_t k, const Tensor& a,
+                                           const Tensor& b, const Tensor& c,
+                                           cublasLtEpilogue_t epilogue, const void* vector) {
+  return {int(trans_a),
+          int(trans_b),
+          m,
+          n,
+          k,
+          int(a.dtype),
+          int(b.dtype),
+          int(c.dtype),
+          alignment(a.data),
+          alignment(b.data),
+          alignment(c.data),
+          int(epilogue),
+          vector ? alignment(vector) : 0};
+}
+
 GemmPlan* CudaBackend::gemm_plan(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n,
-                                 std::int64_t k, const Tensor& a, const Tensor& b,
-                                 const Tensor& c) {
-  const GemmKey key{int(trans_a),
-                    int(trans_b),
-                    m,
-                    n,
-                    k,
-                    int(a.dtype),
-                    int(b.dtype),
-                    int(c.dtype),
-                    alignment(a.data),
-                    alignment(b.data),
-                    alignment(c.data)};
+                                 std::int64_t k, const Tensor& a, const Tensor& b, const Tensor& c,
+                                 cublasLtEpilogue_t epilogue, const void* vector,
+                                 DType vector_dtype) {
+  const GemmKey key = gemm_key(trans_a, trans_b, m, n, k, a, b, c, epilogue, vector);
   if (std::shared_ptr<GemmPlan>* found = gemm_plans_.find(key)) return found->get();
 
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLASLt's A is our b and
@@ -133,6 +144,20 @@ GemmPlan* CudaBackend::gemm_plan(bool trans_a, bool trans_b, std::int64_t m, std
            "set TRANSA");
   lt_check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_a, sizeof op_a),
            "set TRANSB");
+  if (epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
+    // The vector's pointer is set here for the heuristic, which reads its alignment, and again
+    // before every call.
+    const cudaDataType_t vector_type = lt_type(vector_dtype);
+    lt_check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
+                                            sizeof epilogue),
+             "set EPILOGUE");
+    lt_check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &vector_type,
+                                            sizeof vector_type),
+             "set BIAS_DATA_TYPE");
+    lt_check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &vector,
+                                            sizeof vector),
+             "set BIAS_POINTER");
+  }
   cublasLtMatrixLayout_t layout = nullptr;
   lt_check(cublasLtMatrixLayoutCreate(&layout, lt_type(b.dtype), trans_b ? k : n, trans_b ? n : k,
                                       trans_b ? k : n),
@@ -190,38 +215,80 @@ GemmPlan* CudaBackend::gemm_plan(bool trans_a, bool trans_b, std::int64_t m, std
   return gemm_plans_.insert(key, std::move(plan)).get();
 }
 
+namespace {
+
+const char* epilogue_name(int epilogue) {
+  switch (epilogue) {
+    case CUBLASLT_EPILOGUE_BIAS:
+      return "bias (CUBLASLT_EPILOGUE_BIAS)";
+    case CUBLASLT_EPILOGUE_BGRADB:
+      return "bias gradient (CUBLASLT_EPILOGUE_BGRADB)";
+    default:
+      return "none";
+  }
+}
+
+// The shape part of a GEMM's report line.
+template <class GemmKey>
+void print_gemm(const char* what, const GemmKey& key) {
+  const auto [trans_a, trans_b, m, n, k, a_dtype, b_dtype, c_dtype, align_a, align_b, align_c,
+              epilogue, align_vector] = key;
+  std::fprintf(stderr,
+               "fastllm: %s m=%lld n=%lld k=%lld (trans_a %d, trans_b %d, dtypes %s/%s/%s, "
+               "alignments %d/%d/%d bytes, epilogue %s, its vector aligned to %d bytes)",
+               what, static_cast<long long>(m), static_cast<long long>(n),
+               static_cast<long long>(k), trans_a, trans_b, dtype_name(static_cast<DType>(a_dtype)),
+               dtype_name(static_cast<DType>(b_dtype)), dtype_name(static_cast<DType>(c_dtype)),
+               align_a, align_b, align_c, epilogue_name(epilogue), align_vector);
+}
+
+}  // namespace
+
 void CudaBackend::gemm_fallback(const GemmKey& key, const char* why) {
   ++gemm_fallbacks_;
   if (gemm_fallbacks_reported_.find(key)) return;
   gemm_fallbacks_reported_.insert(key, true);
-  const auto [trans_a, trans_b, m, n, k, a_dtype, b_dtype, c_dtype, align_a, align_b, align_c] =
-      key;
+  print_gemm("GEMM", key);
   std::fprintf(stderr,
-               "fastllm: GEMM m=%lld n=%lld k=%lld (trans_a %d, trans_b %d, dtypes %s/%s/%s, "
-               "alignments %d/%d/%d bytes): %s, so fastllm's slow fallback kernel runs it "
-               "(reported once per shape)\n",
-               static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k),
-               trans_a, trans_b, dtype_name(static_cast<DType>(a_dtype)),
-               dtype_name(static_cast<DType>(b_dtype)), dtype_name(static_cast<DType>(c_dtype)),
-               align_a, align_b, align_c, why);
+               ": %s, so fastllm's slow fallback kernel runs it (reported once per shape)\n", why);
+}
+
+void CudaBackend::epilogue_fallback(const GemmKey& key, const char* why) {
+  ++epilogue_fallbacks_;
+  if (gemm_fallbacks_reported_.find(key)) return;
+  gemm_fallbacks_reported_.insert(key, true);
+  print_gemm("linear layer GEMM", key);
+  std::fprintf(stderr,
+               ": %s, so the plain GEMM and fastllm's bias kernel run it (reported once per "
+               "shape)\n",
+               why);
+}
+
+bool CudaBackend::lt_matmul(GemmPlan& plan, float alpha, const Tensor& a, const Tensor& b,
+                            float beta, const Tensor& c, const void* vector) {
+  if (plan.fallback) return false;
+  if (vector)
+    lt_check(cublasLtMatmulDescSetAttribute(plan.desc.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                            &vector, sizeof vector),
+             "set BIAS_POINTER");
+  const cublasStatus_t status =
+      cublasLtMatmul(lt_.get(), plan.desc.get(), &alpha, b.data, plan.a.get(), a.data, plan.b.get(),
+                     &beta, c.data, plan.c.get(), c.data, plan.c.get(), &plan.algo,
+                     gemm_workspace_.data(), gemm_workspace_.bytes(), stream());
+  if (status != CUBLAS_STATUS_NOT_SUPPORTED) {
+    lt_check(status, "Matmul");
+    return true;
+  }
+  // The heuristic offered an algorithm the call then refused: this case takes the fallback.
+  plan.fallback = true;
+  plan.fallback_reason = "cuBLASLt refused the algorithm its heuristic offered";
+  return false;
 }
 
 void CudaBackend::gemm_lt(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n,
                           std::int64_t k, float alpha, Tensor a, Tensor b, float beta, Tensor c) {
   GemmPlan* plan = gemm_plan(trans_a, trans_b, m, n, k, a, b, c);
-  if (!plan->fallback) {
-    const cublasStatus_t status =
-        cublasLtMatmul(lt_.get(), plan->desc.get(), &alpha, b.data, plan->a.get(), a.data,
-                       plan->b.get(), &beta, c.data, plan->c.get(), c.data, plan->c.get(),
-                       &plan->algo, gemm_workspace_.data(), gemm_workspace_.bytes(), stream());
-    if (status != CUBLAS_STATUS_NOT_SUPPORTED) {
-      lt_check(status, "Matmul");
-      return;
-    }
-    // The heuristic offered an algorithm the call then refused: this case takes the own kernel.
-    plan->fallback = true;
-    plan->fallback_reason = "cuBLASLt refused the algorithm its heuristic offered";
-  }
+  if (lt_matmul(*plan, alpha, a, b, beta, c, nullptr)) return;
   gemm_fallback(plan->key, plan->fallback_reason);
   const dim3 grid(static_cast<unsigned>((n + 15) / 16), static_cast<unsigned>((m + 15) / 16));
   dispatch_float(a.dtype, "gemm", [&]<class TA>() {
@@ -297,6 +364,98 @@ void CudaBackend::bias_backward(Tensor dy, Tensor dbias) {
   dispatch_float(dy.dtype, "bias_backward", [&]<class T>() {
     column_sums(*this, BiasTerm<T>{dy.as<T>(), width}, rows, width, dbias.as<float>());
   });
+}
+
+namespace {
+
+// The rows of a linear layer's input x for weight [out, in], checked against y (or dy) [rows, out].
+std::int64_t linear_rows(const Tensor& x, const Tensor& weight, const Tensor& y, const char* op,
+                         const char* y_name) {
+  require(weight.rank == 2, op, "weight is not [out, in]");
+  const std::int64_t out = weight.size(0), in = weight.size(1);
+  require(in > 0 ? x.numel() % in == 0 : x.numel() == 0, op,
+          "x's elements are not a whole number of rows of weight's width");
+  const std::int64_t rows = in > 0 ? x.numel() / in : 0;
+  require_numel(y, rows * out, op, y_name);
+  return rows;
+}
+
+}  // namespace
+
+// y^T = W x^T + bias in cuBLASLt's column-major order (see gemm_plan): the bias runs along
+// cuBLASLt's M (the rows of its D), which is what CUBLASLT_EPILOGUE_BIAS broadcasts. The bias is
+// added to the f32 accumulator before y is rounded to its dtype, and is of y's dtype (cuBLASLt's
+// bias type is D's by default; CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE says so explicitly).
+void CudaBackend::linear_forward(Tensor x, Tensor weight, Tensor bias, Tensor y) {
+  const std::int64_t rows = linear_rows(x, weight, y, "linear_forward", "y");
+  const std::int64_t out = weight.size(0), in = weight.size(1);
+  if (is_empty(bias)) {
+    gemm(false, true, rows, out, in, 1.0f, x, weight, 0.0f, y);
+    return;
+  }
+  require_float(x, "linear_forward", "x");
+  require_float(weight, "linear_forward", "weight");
+  require_float(y, "linear_forward", "y");
+  require_dtype(bias, y.dtype, "linear_forward", "bias");
+  require_numel(bias, out, "linear_forward", "bias");
+  if (rows == 0 || out == 0) return;
+  // in = 0 has no GEMM to fuse into: y is the bias on every row.
+  if (in > 0) {
+    if (x.dtype == weight.dtype && weight.dtype == y.dtype) {
+      GemmPlan* plan = gemm_plan(false, true, rows, out, in, x, weight, y, CUBLASLT_EPILOGUE_BIAS,
+                                 bias.data, bias.dtype);
+      if (lt_matmul(*plan, 1.0f, x, weight, 0.0f, y, bias.data)) return;
+      epilogue_fallback(plan->key, plan->fallback_reason);
+    } else {
+      epilogue_fallback(
+          gemm_key(false, true, rows, out, in, x, weight, y, CUBLASLT_EPILOGUE_BIAS, bias.data),
+          "x, weight and y are not all of one dtype");
+    }
+  }
+  gemm(false, true, rows, out, in, 1.0f, x, weight, 0.0f, y);
+  add_bias(y.view({rows, out}), bias);
+}
+
+// dW = dy^T x is, in cuBLASLt's order, dW^T = x^T dy with cuBLASLt's A = x (not transposed) and
+// B = dy (transposed): dy is cuBLASLt's B, and the sums of dy over the rows (cuBLASLt's k) are
+// CUBLASLT_EPILOGUE_BGRADB's, one per column of D (= out). The epilogue's vector has C's type,
+// f32 here (dW is f32), as dbias. It writes the gradient rather than adding to it, while
+// parameter gradients accumulate (+=) over micro-batches: it writes a scratch vector of `out`
+// floats that one add then puts into dbias. The other choice, passing dbias itself where it is
+// known to be zero, would need that knowledge here, and the add costs one pass over `out` floats
+// beside a GEMM over rows x out x in.
+void CudaBackend::linear_backward_weight(Tensor x, Tensor dy, Tensor dweight, Tensor dbias) {
+  const std::int64_t rows = linear_rows(x, dweight, dy, "linear_backward_weight", "dy");
+  const std::int64_t out = dweight.size(0), in = dweight.size(1);
+  if (is_empty(dbias)) {
+    gemm(true, false, out, in, rows, 1.0f, dy, x, 1.0f, dweight);
+    return;
+  }
+  require_float(x, "linear_backward_weight", "x");
+  require_float(dy, "linear_backward_weight", "dy");
+  require_dtype(dweight, DType::F32, "linear_backward_weight", "dweight");
+  require_dtype(dbias, DType::F32, "linear_backward_weight", "dbias");
+  require_numel(dbias, out, "linear_backward_weight", "dbias");
+  if (rows == 0 || out == 0) return;
+  if (in > 0) {
+    Buffer sums_buffer = scratch(static_cast<std::size_t>(out) * sizeof(float));
+    const Tensor sums = sums_buffer.tensor(DType::F32, {out});
+    if (dy.dtype == x.dtype) {
+      GemmPlan* plan = gemm_plan(true, false, out, in, rows, dy, x, dweight,
+                                 CUBLASLT_EPILOGUE_BGRADB, sums.data, DType::F32);
+      if (lt_matmul(*plan, 1.0f, dy, x, 1.0f, dweight, sums.data)) {
+        add(dbias, sums, 1.0f);
+        return;
+      }
+      epilogue_fallback(plan->key, plan->fallback_reason);
+    } else {
+      epilogue_fallback(
+          gemm_key(true, false, out, in, rows, dy, x, dweight, CUBLASLT_EPILOGUE_BGRADB, sums.data),
+          "x and dy are not of one dtype");
+    }
+    gemm(true, false, out, in, rows, 1.0f, dy, x, 1.0f, dweight);
+  }
+  bias_backward(dy.view({rows, out}), dbias);
 }
 
 }  // namespace fastllm::cuda

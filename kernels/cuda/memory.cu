@@ -1,4 +1,4 @@
-// Copies with dtype conversion, and fill.
+// Copies with dtype conversion (f32, bf16 and f16, each way), and fill.
 #include <string>
 
 #include "kernels/cuda/cuda_backend_impl.h"
@@ -35,6 +35,16 @@ __global__ void convert_kernel(To* dst, const From* src, std::int64_t n, bool pa
     dst[i] = from_f32<To>(to_f32(src[i]));
 }
 
+// dispatch_float with f16 besides: the dtypes copy converts between.
+template <class Body>
+void dispatch_convertible(DType dtype, Body&& body) {
+  if (dtype == DType::F16) {
+    body.template operator()<f16>();
+  } else {
+    dispatch_float(dtype, "copy", body);
+  }
+}
+
 template <class T>
 __global__ void fill_kernel(T* dst, T value, std::int64_t n) {
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -57,8 +67,8 @@ void CudaBackend::copy(Tensor dst, Tensor src) {
   if (dst.dtype == DType::I32 || src.dtype == DType::I32)
     fail("copy",
          std::string("cannot convert ") + dtype_name(src.dtype) + " to " + dtype_name(dst.dtype));
-  dispatch_float(dst.dtype, "copy", [&]<class To>() {
-    dispatch_float(src.dtype, "copy", [&]<class From>() {
+  dispatch_convertible(dst.dtype, [&]<class To>() {
+    dispatch_convertible(src.dtype, [&]<class From>() {
       const bool packed = reinterpret_cast<std::uintptr_t>(dst.data) % (4 * sizeof(To)) == 0 &&
                           reinterpret_cast<std::uintptr_t>(src.data) % (4 * sizeof(From)) == 0;
       convert_kernel<To, From><<<grid_for(packed ? n / 4 + 1 : n, 256), 256, 0, stream()>>>(
@@ -83,6 +93,8 @@ void CudaBackend::fill(Tensor t, float value) {
       fill_kernel<std::uint16_t>
           <<<grid_for(n, 256), 256, 0, stream()>>>(t.as<std::uint16_t>(), bf16_bits(value), n);
       break;
+    case DType::F16:
+      fail("fill", "t is f16, which only copy and cuDNN's fused attention take");
   }
   FASTLLM_CUDA_LAUNCHED();
 }

@@ -35,6 +35,8 @@ class HostBackend final : public Backend {
             Tensor a, Tensor b, float beta, Tensor c) override;
   void add_bias(Tensor y, Tensor bias) override;
   void bias_backward(Tensor dy, Tensor dbias) override;
+  void linear_forward(Tensor x, Tensor weight, Tensor bias, Tensor y) override;
+  void linear_backward_weight(Tensor x, Tensor dy, Tensor dweight, Tensor dbias) override;
 
   void embedding_forward(Tensor ids, Tensor table, std::int64_t vocab_offset, Tensor out) override;
   void embedding_backward(Tensor ids, Tensor dout, std::int64_t vocab_offset,

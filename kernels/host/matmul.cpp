@@ -87,4 +87,44 @@ void HostBackend::bias_backward(Tensor dy, Tensor dbias) {
   }
 }
 
+namespace {
+
+// The rows of a linear layer's input x for weight [out, in], checked against y (or dy) [rows, out].
+std::int64_t linear_rows(const Tensor& x, const Tensor& weight, const Tensor& y, const char* op,
+                         const char* y_name) {
+  host::require(weight.rank == 2, op, "weight is not [out, in]");
+  const std::int64_t out = weight.size(0), in = weight.size(1);
+  host::require(in > 0 ? x.numel() % in == 0 : x.numel() == 0, op,
+                "x's elements are not a whole number of rows of weight's width");
+  const std::int64_t rows = in > 0 ? x.numel() / in : 0;
+  host::require_numel(y, rows * out, op, y_name);
+  return rows;
+}
+
+}  // namespace
+
+void HostBackend::linear_forward(Tensor x, Tensor weight, Tensor bias, Tensor y) {
+  const std::int64_t rows = linear_rows(x, weight, y, "linear_forward", "y");
+  const std::int64_t out = weight.size(0);
+  if (!host::is_empty(bias)) {
+    // Checked before y is written, as add_bias would check them after.
+    host::require_dtype(bias, DType::F32, "linear_forward", "bias");
+    host::require_numel(bias, out, "linear_forward", "bias");
+  }
+  gemm(false, true, rows, out, weight.size(1), 1.0f, x, weight, 0.0f, y);
+  if (!host::is_empty(bias)) add_bias(y.view({rows, out}), bias);
+}
+
+void HostBackend::linear_backward_weight(Tensor x, Tensor dy, Tensor dweight, Tensor dbias) {
+  const std::int64_t rows = linear_rows(x, dweight, dy, "linear_backward_weight", "dy");
+  const std::int64_t out = dweight.size(0);
+  if (!host::is_empty(dbias)) {
+    // Checked before dweight is added to, as bias_backward would check them after.
+    host::require_dtype(dbias, DType::F32, "linear_backward_weight", "dbias");
+    host::require_numel(dbias, out, "linear_backward_weight", "dbias");
+  }
+  gemm(true, false, out, dweight.size(1), rows, 1.0f, dy, x, 1.0f, dweight);
+  if (!host::is_empty(dbias)) bias_backward(dy.view({rows, out}), dbias);
+}
+
 }  // namespace fastllm

@@ -203,6 +203,9 @@ void HostBackend::fill(Tensor t, float value) {
         p[i] = v;
       break;
     }
+    case DType::F16:
+      // Only the CUDA backend's fused attention takes f16; the host computes in f32 alone.
+      host::fail("fill", "t is f16, which the host backend has no op for");
   }
 }
 

@@ -29,6 +29,7 @@ MPI_Datatype move_type(DType dtype) {
     case DType::I32:
       return MPI_INT32_T;
     case DType::BF16:
+    case DType::F16:
       return MPI_UINT16_T;
   }
   throw std::invalid_argument("unknown dtype");

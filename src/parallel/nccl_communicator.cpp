@@ -42,6 +42,8 @@ ncclDataType_t nccl_type(DType dtype) {
       return ncclFloat32;
     case DType::BF16:
       return ncclBfloat16;
+    case DType::F16:
+      return ncclFloat16;
     case DType::I32:
       return ncclInt32;
   }

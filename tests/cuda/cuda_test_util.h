@@ -51,8 +51,15 @@ class CudaVsHost {
   // The agreement expected of one op: fp32 arithmetic, or bf16 storage of inputs and outputs.
   double tolerance() const { return dtype_ == DType::F32 ? 1e-5 : 2e-2; }
 
-  // The values as a tensor of `dtype` holds them (bf16 keeps 8 significant bits).
+  // The values as a tensor of `dtype` holds them (bf16 keeps 8 significant bits, f16 11 and
+  // 5 exponent bits; f16 rounded by the host compiler's _Float16, independently of the device).
   std::vector<float> representable(const std::vector<float>& v, DType dtype) {
+    if (dtype == DType::F16) {
+      std::vector<float> out(v.size());
+      for (std::size_t i = 0; i < v.size(); ++i)
+        out[i] = static_cast<float>(static_cast<_Float16>(v[i]));
+      return out;
+    }
     if (dtype != DType::BF16) return v;
     std::vector<float> out(v.size());
     std::vector<std::uint16_t> half(v.size());
@@ -82,6 +89,8 @@ class CudaVsHost {
   }
   // Uninitialised device memory, poisoned with NaN so that unwritten outputs show.
   Tensor device_poisoned(const std::vector<std::int64_t>& shape, DType dtype) {
+    // fill takes no f16 (only copy and cuDNN's attention do): NaN copied from f32.
+    if (dtype == DType::F16) return device(std::vector<float>(count(shape), NAN), shape, dtype);
     Tensor t = device_raw(shape, dtype);
     cuda_->fill(t, dtype == DType::I32 ? -7.0f : NAN);
     return t;

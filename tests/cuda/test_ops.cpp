@@ -4,8 +4,10 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <stdexcept>
+#include <string>
 
 #include "cuda_test_util.h"
 
@@ -265,14 +267,13 @@ TEST_P(CudaOps, RopeAtPositions) {
   }
 }
 
-// One attention case on `env`'s CUDA backend against the host.
-void check_attention(CudaVsHost& env, const AttentionCase& c, unsigned seed) {
+// One attention case on `env`'s CUDA backend against the host, with q, k, v, out and the
+// gradients of dtype dt (the compute dtype unless said), within tol.
+void check_attention(CudaVsHost& env, const AttentionCase& c, unsigned seed, DType dt, double tol) {
   SCOPED_TRACE(::testing::Message()
                << "batch " << c.batch << " seq " << c.seq << " heads " << c.heads << "/"
-               << c.kv_heads << " dim " << c.dim << " window " << c.window
+               << c.kv_heads << " dim " << c.dim << " window " << c.window << " " << dtype_name(dt)
                << (c.positions.empty() ? "" : " packed documents"));
-  const DType dt = env.dtype();
-  const double tol = env.tolerance();
   const std::vector<std::int64_t> q_shape{c.batch, c.seq, c.heads, c.dim};
   const std::vector<std::int64_t> kv_shape{c.batch, c.seq, c.kv_heads, c.dim};
   const std::vector<std::int64_t> lse_shape{c.batch, c.heads, c.seq};
@@ -296,7 +297,8 @@ void check_attention(CudaVsHost& env, const AttentionCase& c, unsigned seed) {
                                 env.on_host(lse_want, lse_shape), env.on_host(dout, q_shape),
                                 host_positions, c.window, env.on_host(dq_want, q_shape),
                                 env.on_host(dk_want, kv_shape), env.on_host(dv_want, kv_shape));
-  Tensor qd = env.device(q, q_shape), kd = env.device(k, kv_shape), vd = env.device(v, kv_shape);
+  Tensor qd = env.device(q, q_shape, dt), kd = env.device(k, kv_shape, dt),
+         vd = env.device(v, kv_shape, dt);
   Tensor out = env.device_poisoned(q_shape, dt);
   Tensor lse = env.device_poisoned(lse_shape, DType::F32);
   if (positions.empty()) {
@@ -310,16 +312,21 @@ void check_attention(CudaVsHost& env, const AttentionCase& c, unsigned seed) {
   Tensor dk = env.device_poisoned(kv_shape, dt);
   Tensor dv = env.device_poisoned(kv_shape, dt);
   if (positions.empty()) {
-    env.cuda().attention_backward(qd, kd, vd, out, lse, env.device(dout, q_shape), c.window, dq, dk,
-                                  dv);
+    env.cuda().attention_backward(qd, kd, vd, out, lse, env.device(dout, q_shape, dt), c.window, dq,
+                                  dk, dv);
   } else {
-    env.cuda().document_attention_backward(qd, kd, vd, out, lse, env.device(dout, q_shape),
+    env.cuda().document_attention_backward(qd, kd, vd, out, lse, env.device(dout, q_shape, dt),
                                            device_positions, c.window, dq, dk, dv);
   }
-  // In bf16 the backward starts from the device's own bf16 output: within the same bound.
+  // In bf16 or f16 the backward starts from the device's own rounded output: within the same
+  // bound.
   EXPECT_LE(relative_error(env.read(dq), dq_want), tol);
   EXPECT_LE(relative_error(env.read(dk), dk_want), tol);
   EXPECT_LE(relative_error(env.read(dv), dv_want), tol);
+}
+
+void check_attention(CudaVsHost& env, const AttentionCase& c, unsigned seed) {
+  check_attention(env, c, seed, env.dtype(), env.tolerance());
 }
 
 // Head dims 64 and 128 in bf16 take the tensor-core kernels, the others the portable ones.
@@ -862,8 +869,201 @@ TEST_P(CudaOps, ReductionsRepeatBitForBit) {
   }
 }
 
+// The linear layer with its bias fused into the GEMM (CUBLASLT_EPILOGUE_BIAS) and its bias
+// gradient fused into the weight-gradient GEMM (CUBLASLT_EPILOGUE_BGRADB), against the host's
+// GEMM and bias loops: with and without a bias, parameter gradients that already hold values
+// (the epilogue writes, the op must add), x given as [batch, seq, in], odd and aligned sizes. In
+// bf16 (the training dtype) the aligned shapes must take the epilogues, not the counted fallback.
+TEST_P(CudaOps, LinearWithBiasEpiloguesAgainstHost) {
+  struct Size {
+    std::int64_t batch, seq, in, out;
+    bool aligned;
+  };
+  unsigned seed = 400;
+  for (Size s : {Size{1, 1, 1, 1, false}, Size{3, 7, 13, 5, false}, Size{1, 301, 65, 129, false},
+                 Size{2, 128, 256, 64, true}, Size{1, 512, 128, 384, true}}) {
+    for (bool with_bias : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << s.batch << "x" << s.seq << " in " << s.in << " out "
+                                        << s.out << (with_bias ? " bias" : " no bias"));
+      const std::int64_t rows = s.batch * s.seq;
+      auto x = values(rows * s.in, seed++);
+      auto w = values(s.out * s.in, seed++);
+      auto b = values(s.out, seed++);
+      auto dy = values(rows * s.out, seed++);
+      auto dw0 = random_vector(s.out * s.in, seed++);
+      auto db0 = random_vector(s.out, seed++);
+      const std::int64_t fallbacks_before = cuda_kernel_stats(e().cuda()).epilogue_fallbacks;
+
+      std::vector<float> y_want(rows * s.out), dw_want = dw0, db_want = db0;
+      e().host().linear_forward(
+          e().on_host(x, {s.batch, s.seq, s.in}), e().on_host(w, {s.out, s.in}),
+          with_bias ? e().on_host(b, {s.out}) : Tensor(), e().on_host(y_want, {rows, s.out}));
+      e().host().linear_backward_weight(e().on_host(x, {s.batch, s.seq, s.in}),
+                                        e().on_host(dy, {rows, s.out}),
+                                        e().on_host(dw_want, {s.out, s.in}),
+                                        with_bias ? e().on_host(db_want, {s.out}) : Tensor());
+
+      Tensor y = e().device_poisoned({rows, s.out}, dt());
+      e().cuda().linear_forward(e().device(x, {s.batch, s.seq, s.in}), e().device(w, {s.out, s.in}),
+                                with_bias ? e().device(b, {s.out}) : Tensor(), y);
+      EXPECT_LE(relative_error(e().read(y), y_want), tol());
+      Tensor dw = e().device(dw0, {s.out, s.in}, DType::F32);
+      Tensor db = e().device(db0, {s.out}, DType::F32);
+      e().cuda().linear_backward_weight(e().device(x, {s.batch, s.seq, s.in}),
+                                        e().device(dy, {rows, s.out}), dw,
+                                        with_bias ? db : Tensor());
+      EXPECT_LE(relative_error(e().read(dw), dw_want), tol());
+      // Without a bias, an existing gradient vector is left alone (db_want is db0 then).
+      EXPECT_LE(relative_error(e().read(db), db_want), 1e-5);
+      const std::int64_t fallbacks = cuda_kernel_stats(e().cuda()).epilogue_fallbacks;
+      if (!with_bias || (dt() == DType::BF16 && s.aligned)) {
+        // Without a bias there is nothing to fuse, so nothing to fall back from.
+        EXPECT_EQ(fallbacks, fallbacks_before);
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaOps, ::testing::Values(DType::F32, DType::BF16),
                          dtype_test_name);
+
+// ---- f16: an input dtype of cuDNN's fused attention, and of copy to make such inputs ----
+
+class CudaF16 : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!cuda_device_available()) GTEST_SKIP() << kNoDevice;
+    env_ = std::make_unique<CudaVsHost>(DType::BF16);
+  }
+  CudaVsHost& e() { return *env_; }
+
+ private:
+  std::unique_ptr<CudaVsHost> env_;
+};
+
+// f32 -> f16 -> f32 on the device against the host compiler's _Float16 rounding (to nearest even,
+// overflow to infinity, subnormals, NaN), bit for bit; and bf16 <-> f16, each one rounding of the
+// exact value, against the host's bf16 rounding and _Float16.
+TEST_F(CudaF16, CopyRoundTripsAgainstHostRounding) {
+  std::vector<float> v = random_vector(100003, 501, 3.0f);
+  const std::vector<float> special = {0.0f,
+                                      -0.0f,
+                                      1.0f,
+                                      65504.0f,
+                                      65520.0f,
+                                      70000.0f,
+                                      -1e6f,
+                                      1e-5f,
+                                      6e-8f,
+                                      2.9e-8f,
+                                      1e-9f,
+                                      0.1f,
+                                      NAN,
+                                      INFINITY,
+                                      -INFINITY,
+                                      1.0f + 1.0f / 2048.0f,
+                                      1.0f + 3.0f / 2048.0f};
+  v.insert(v.begin(), special.begin(), special.end());
+  const auto n = static_cast<std::int64_t>(v.size());
+  const std::vector<float> want = e().representable(v, DType::F16);
+  Tensor half = e().device(v, {n}, DType::F16);  // f32 staging copied to f16 on the device
+  const std::vector<float> back = e().read(half);
+  ASSERT_EQ(back.size(), want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    if (std::isnan(want[i])) {
+      ASSERT_TRUE(std::isnan(back[i])) << i;
+    } else {
+      ASSERT_EQ(back[i], want[i]) << i << ": " << v[i];
+    }
+  }
+  // Odd offsets: the conversion's unpacked path as well as its packed one.
+  Tensor tail = e().device(v, {n}, DType::F32).rows(3, n - 3);
+  Tensor half_tail = e().device(std::vector<float>(n - 3, 0.0f), {n - 3}, DType::F16);
+  e().cuda().copy(half_tail, tail);
+  EXPECT_EQ(relative_error(e().read(half_tail), std::vector<float>(want.begin() + 3, want.end())),
+            0.0);
+
+  // bf16 -> f16: a bf16 value is exact in f32, then rounded once to f16.
+  const std::vector<float> in_bf16 =
+      e().representable(random_vector(4099, 502, 100.0f), DType::BF16);
+  const auto m = static_cast<std::int64_t>(in_bf16.size());
+  Tensor from_bf16 = e().device(std::vector<float>(m, 0.0f), {m}, DType::F16);
+  e().cuda().copy(from_bf16, e().device(in_bf16, {m}, DType::BF16));
+  EXPECT_EQ(relative_error(e().read(from_bf16), e().representable(in_bf16, DType::F16)), 0.0);
+  // f16 -> bf16: an f16 value is exact in f32, then rounded once to bf16.
+  const std::vector<float> in_f16 = e().representable(random_vector(4099, 503, 100.0f), DType::F16);
+  Tensor to_bf16 = e().device(std::vector<float>(m, 0.0f), {m}, DType::BF16);
+  e().cuda().copy(to_bf16, e().device(in_f16, {m}, DType::F16));
+  EXPECT_EQ(relative_error(e().read(to_bf16), e().representable(in_f16, DType::BF16)), 0.0);
+}
+
+// f16 q, k, v through cuDNN's fused SDPA, forward and backward, against the host in f32: causal,
+// sliding windows, grouped KV heads (ratios 1, 2, 4), head dims 64 and 128, odd lengths. The
+// bound is 5e-3 relative (norm-wise): ten times f16's unit roundoff 2^-11, the margin bf16's 2e-2
+// has over its 2^-8; the inputs are exact in f16, so what is left is cuDNN's f16 rounding of the
+// output, of the probabilities in the P V product and of the backward's intermediates.
+TEST_F(CudaF16, CudnnAttentionForwardAndBackwardAgainstHost) {
+  const AttentionCase cases[] = {{2, 257, 8, 8, 128, 0}, {1, 300, 8, 4, 128, 64},
+                                 {2, 130, 8, 2, 64, 0},  {1, 513, 4, 1, 128, 100},
+                                 {1, 96, 4, 4, 64, 17},  {2, 200, 8, 2, 64, 200}};
+  unsigned seed = 600;
+  for (const AttentionCase& c : cases)
+    check_attention(e(), c, seed += 10, DType::F16, 5e-3);
+  const CudaKernelStats stats = cuda_kernel_stats(e().cuda());
+  EXPECT_EQ(stats.cudnn_attention, 2 * static_cast<std::int64_t>(std::size(cases)));
+  EXPECT_EQ(stats.own_attention, 0);
+}
+
+// Every op but copy and cuDNN's attention refuses f16 with the op and the dtype in its message,
+// also attention asked of the own kernel and the packed-document variants (which run on it).
+TEST_F(CudaF16, OtherOpsRejectF16) {
+  const auto message = [](const std::function<void()>& call) {
+    try {
+      call();
+    } catch (const std::invalid_argument& error) {
+      return std::string(error.what());
+    }
+    return std::string("no error");
+  };
+  const auto names = [](const std::string& text, const char* op) {
+    return text.find(op) != std::string::npos && text.find("f16") != std::string::npos;
+  };
+  Tensor h = e().device(e().representable(random_vector(64, 700), DType::F16), {8, 8}, DType::F16);
+  Tensor f = e().device(std::vector<float>(64, 1.0f), {8, 8}, DType::F32);
+  std::string text = message([&] { e().cuda().gemm(false, false, 8, 8, 8, 1.0f, h, f, 0.0f, f); });
+  EXPECT_TRUE(names(text, "gemm")) << text;
+  text = message([&] { e().cuda().add(f, h, 1.0f); });
+  EXPECT_TRUE(names(text, "add")) << text;
+  text = message([&] { e().cuda().fill(h, 0.0f); });
+  EXPECT_TRUE(names(text, "fill")) << text;
+  text = message([&] { e().cuda().linear_forward(h, h, Tensor(), f); });
+  EXPECT_TRUE(names(text, "gemm")) << text;
+  text = message([&] { e().cuda().scale(h, 2.0f); });
+  EXPECT_TRUE(names(text, "scale")) << text;
+
+  const std::vector<std::int64_t> shape{1, 64, 2, 64};
+  std::vector<float> qv = e().representable(random_vector(count(shape), 701), DType::F16);
+  Tensor q = e().device(qv, shape, DType::F16);
+  Tensor out = e().device_poisoned(shape, DType::F16);
+  Tensor lse = e().device_poisoned({1, 2, 64}, DType::F32);
+  CudaVsHost own(DType::BF16, AttentionKernel::Own);
+  Tensor q_own = own.device(qv, shape, DType::F16);
+  Tensor out_own = own.device_poisoned(shape, DType::F16);
+  Tensor lse_own = own.device_poisoned({1, 2, 64}, DType::F32);
+  text = message([&] { own.cuda().attention_forward(q_own, q_own, q_own, 0, out_own, lse_own); });
+  EXPECT_TRUE(names(text, "attention_forward")) << text;
+  std::vector<std::int32_t> positions(64);
+  std::iota(positions.begin(), positions.end(), 0);
+  text = message([&] {
+    e().cuda().document_attention_forward(q, q, q, e().device_ints(positions, {1, 64}), 0, out,
+                                          lse);
+  });
+  EXPECT_TRUE(names(text, "document_attention_forward")) << text;
+  // Mixed f16 and bf16 inputs are not cuDNN's case either.
+  Tensor k_bf16 = e().device(qv, shape, DType::BF16);
+  text = message([&] { e().cuda().attention_forward(q, k_bf16, k_bf16, 0, out, lse); });
+  EXPECT_TRUE(names(text, "attention_forward")) << text;
+}
 
 }  // namespace
 }  // namespace fastllm::test

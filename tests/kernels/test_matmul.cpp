@@ -1,4 +1,5 @@
 #include <limits>
+#include <stdexcept>
 
 #include "backends.h"
 
@@ -101,6 +102,70 @@ TEST_P(MatmulTest, AddBiasAndItsBackward) {
     }
     EXPECT_LE(relative_error(download(db), grad), 1e-6) << rows;
   }
+}
+
+// y = x W^T + b, and for it dW += dy^T x and db += the column sums of dy (what the bias epilogues
+// fuse into one GEMM on CUDA), against double loops: with and without a bias, into gradients that
+// already hold values, at sizes that are not powers of two and with x given as [batch, seq, in].
+TEST_P(MatmulTest, LinearForwardAndWeightGradientAgainstNaiveLoops) {
+  const int batch = 3, seq = 23, in = 37, out = 29, rows = batch * seq;
+  for (bool with_bias : {false, true}) {
+    SCOPED_TRACE(with_bias ? "bias" : "no bias");
+    const auto x = random_vector(rows * in, 11);
+    const auto w = random_vector(out * in, 12);
+    const auto b = random_vector(out, 13);
+    const auto dy = random_vector(rows * out, 14);
+    const auto dw0 = random_vector(out * in, 15);
+    const auto db0 = random_vector(out, 16);
+    const std::vector<float> poison(rows * out, std::numeric_limits<float>::quiet_NaN());
+
+    Tensor y = upload(poison, {rows, out});
+    be().linear_forward(upload(x, {batch, seq, in}), upload(w, {out, in}),
+                        with_bias ? upload(b, {out}) : Tensor(), y);
+    std::vector<double> y_want(rows * out);
+    for (int r = 0; r < rows; ++r)
+      for (int o = 0; o < out; ++o) {
+        double sum = with_bias ? b[o] : 0.0;
+        for (int i = 0; i < in; ++i)
+          sum += static_cast<double>(x[r * in + i]) * w[o * in + i];
+        y_want[r * out + o] = sum;
+      }
+    EXPECT_LE(relative_error(download(y), y_want), 1e-6);
+
+    Tensor dw = upload(dw0, {out, in});
+    Tensor db = upload(db0, {out});
+    be().linear_backward_weight(upload(x, {batch, seq, in}), upload(dy, {rows, out}), dw,
+                                with_bias ? db : Tensor());
+    std::vector<double> dw_want(out * in), db_want(out);
+    for (int o = 0; o < out; ++o) {
+      db_want[o] = db0[o];
+      for (int r = 0; r < rows; ++r)
+        db_want[o] += with_bias ? dy[r * out + o] : 0.0f;
+      for (int i = 0; i < in; ++i) {
+        double sum = dw0[o * in + i];
+        for (int r = 0; r < rows; ++r)
+          sum += static_cast<double>(dy[r * out + o]) * x[r * in + i];
+        dw_want[o * in + i] = sum;
+      }
+    }
+    EXPECT_LE(relative_error(download(dw), dw_want), 1e-6);
+    // Without a bias, a gradient vector that exists is left alone.
+    EXPECT_LE(relative_error(download(db), db_want), 1e-6);
+  }
+}
+
+TEST_P(MatmulTest, LinearRejectsMismatchedShapes) {
+  Tensor w = zeros({5, 4});
+  Tensor x = zeros({3, 4});
+  EXPECT_THROW(be().linear_forward(zeros({3, 5}), w, Tensor(), zeros({3, 5})),
+               std::invalid_argument);  // x's rows are 5 wide, not 4
+  EXPECT_THROW(be().linear_forward(x, w, Tensor(), zeros({3, 4})), std::invalid_argument);
+  EXPECT_THROW(be().linear_forward(x, w, zeros({4}), zeros({3, 5})), std::invalid_argument);
+  EXPECT_THROW(be().linear_forward(x, zeros({20}), Tensor(), zeros({3, 5})),
+               std::invalid_argument);  // weight not [out, in]
+  EXPECT_THROW(be().linear_backward_weight(x, zeros({3, 5}), w, zeros({4})), std::invalid_argument);
+  EXPECT_THROW(be().linear_backward_weight(x, zeros({3, 5}), w, zeros({5}, DType::BF16)),
+               std::invalid_argument);  // parameter gradients are f32
 }
 
 FASTLLM_INSTANTIATE_BACKENDS(MatmulTest);

@@ -1,7 +1,10 @@
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "backends.h"
 
@@ -135,6 +138,53 @@ TEST_P(MemoryTest, CopyRejectsMismatchedTensors) {
 }
 
 FASTLLM_INSTANTIATE_BACKENDS(MemoryTest);
+
+TEST(Dtypes, SizesAndNames) {
+  EXPECT_EQ(dtype_size(DType::F32), 4u);
+  EXPECT_EQ(dtype_size(DType::I32), 4u);
+  EXPECT_EQ(dtype_size(DType::BF16), 2u);
+  EXPECT_EQ(dtype_size(DType::F16), 2u);
+  EXPECT_STREQ(dtype_name(DType::F32), "f32");
+  EXPECT_STREQ(dtype_name(DType::BF16), "bf16");
+  EXPECT_STREQ(dtype_name(DType::I32), "i32");
+  EXPECT_STREQ(dtype_name(DType::F16), "f16");
+  std::uint16_t storage[6] = {};
+  EXPECT_EQ(Tensor(storage, DType::F16, {2, 3}).bytes(), 12u);
+}
+
+// f16 is an input dtype of cuDNN's attention on CUDA only: the host backend, which computes in
+// f32, refuses it wherever it would have to read or write it as numbers, with the op and the
+// dtype in the message.
+TEST(Dtypes, HostBackendRejectsF16) {
+  HostBackend host;
+  std::vector<float> f32(12, 1.0f);
+  std::vector<std::uint16_t> f16(12, 0x3C00);  // 1.0 in f16
+  const Tensor a(f32.data(), DType::F32, {3, 4});
+  const Tensor h(f16.data(), DType::F16, {3, 4});
+  const auto message = [](const std::function<void()>& call) {
+    try {
+      call();
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_EQ(message([&] { host.copy(a, h); }), "HostBackend::copy: cannot convert f16 to f32");
+  EXPECT_EQ(message([&] { host.copy(h, a); }), "HostBackend::copy: cannot convert f32 to f16");
+  EXPECT_EQ(message([&] { host.fill(h, 0.0f); }),
+            "HostBackend::fill: t is f16, which the host backend has no op for");
+  EXPECT_EQ(message([&] { host.gemm(false, false, 3, 4, 4, 1.0f, h, h, 0.0f, a); }),
+            "HostBackend::gemm: a is f16, expected f32");
+  EXPECT_EQ(message([&] { host.add(a, h, 1.0f); }), "HostBackend::add: x is f16, expected f32");
+  std::vector<float> lse(3);
+  const Tensor q(f16.data(), DType::F16, {1, 3, 1, 4});
+  const std::string attention = message([&] {
+    host.attention_forward(q, q, q, 0, q, Tensor(lse.data(), DType::F32, {1, 1, 3}));
+  });
+  EXPECT_NE(attention.find("attention_forward"), std::string::npos) << attention;
+  EXPECT_NE(attention.find("f16"), std::string::npos) << attention;
+  EXPECT_EQ(f32, std::vector<float>(12, 1.0f));  // nothing written
+}
 
 }  // namespace
 }  // namespace fastllm::test
