@@ -11,6 +11,31 @@
 
 namespace fastllm {
 
+// One piece of the vocabulary as the model file stores it, with SentencePiece's piece type.
+struct TokenizerPiece {
+  enum class Kind { Normal, Unknown, Control, UserDefined, Unused, Byte };
+  std::string piece;
+  float score = 0;
+  Kind kind = Kind::Normal;
+};
+
+// What a Hugging Face `tokenizers` serialization of the model needs (model/hf_tokenizer_json.h):
+// the algorithm, the pieces and the normalisation SentencePiece applies before segmenting, read
+// from the model file's protobuf (fields left out there take the protobuf's defaults).
+struct TokenizerSpec {
+  enum class Algorithm { Unigram, Bpe, Word, Char };
+  Algorithm algorithm = Algorithm::Unigram;
+  bool byte_fallback = false;
+  std::string unk_piece = "<unk>";
+  std::string normalizer_name;
+  std::string precompiled_charsmap;  // raw bytes; empty for "identity"
+  bool add_dummy_prefix = true;
+  bool remove_extra_whitespaces = true;
+  bool escape_whitespaces = true;
+  bool treat_whitespace_as_suffix = false;
+  std::vector<TokenizerPiece> pieces;  // in id order
+};
+
 class Tokenizer {
  public:
   // `path`: a tokenizer.model file, or a folder holding one (a Hugging Face checkpoint folder).
@@ -34,6 +59,9 @@ class Tokenizer {
   // vocabulary.
   std::string piece(std::int32_t id) const;
   std::int64_t vocab_size() const { return vocab_size_; }
+  // Parsed from the model file on each call; throws UserError when the file's protobuf is not
+  // what SentencePiece wrote.
+  TokenizerSpec spec() const;
   // The model file read.
   const std::string& path() const { return path_; }
 

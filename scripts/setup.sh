@@ -52,3 +52,19 @@ if [ "$have_cudnn" = 1 ] &&
   mv "$wheel_dir/wheel/include" "$cudnn_frontend_dir/include"
   echo "$cudnn_frontend_version" >"$cudnn_frontend_dir/VERSION"
 fi
+
+# transformers and PyTorch for the tests labelled hf (tests/hf, tests/support/hf_reference.py),
+# only on request: FASTLLM_HF=1, or FASTLLM_TEST_LABELS naming hf. A virtual environment in the
+# git-ignored build-deps/, pinned to the versions the fixtures were made with (about 5 GB: PyPI's
+# torch brings its CUDA libraries).
+if [ "${FASTLLM_HF:-0}" = 1 ] || [[ ",${FASTLLM_TEST_LABELS:-}," == *,hf,* ]]; then
+  hf_venv="$(cd "$(dirname "$0")/.." && pwd)/build-deps/hf-venv"
+  hf_packages=(torch==2.11.0 transformers==5.17.0 sentencepiece safetensors protobuf)
+  if [ "$(cat "$hf_venv/REQUIREMENTS" 2>/dev/null)" != "${hf_packages[*]}" ]; then
+    echo "setup: installing ${hf_packages[*]} into $hf_venv"
+    rm -rf "$hf_venv"
+    python3 -m venv "$hf_venv"
+    "$hf_venv/bin/pip" install -q "${hf_packages[@]}"
+    echo "${hf_packages[*]}" >"$hf_venv/REQUIREMENTS"
+  fi
+fi

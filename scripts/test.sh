@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing, configures, builds and runs every test.
 #   scripts/test.sh              the default suite (fast, complete)
-#   FASTLLM_TEST_LABELS=slow scripts/test.sh    adds the tests labelled slow
+#   FASTLLM_TEST_LABELS=slow scripts/test.sh    adds the tests labelled slow (slow,hf: and hf)
 #   FASTLLM_SANITIZE=1 scripts/test.sh          an ASan/UBSan build of the host tests (build-asan/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,12 @@ cmake --build "$build" -j "$jobs"
 
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-label_args=(-LE slow)
-if [ -n "${FASTLLM_TEST_LABELS:-}" ]; then label_args=(); fi
+# Labels left out unless FASTLLM_TEST_LABELS names them (comma-separated): slow, and hf (needs the
+# transformers and PyTorch that setup.sh then installs).
+excluded=()
+for label in slow hf; do
+  if [[ ",${FASTLLM_TEST_LABELS:-}," != *,$label,* ]]; then excluded+=("$label"); fi
+done
+label_args=()
+if [ ${#excluded[@]} -gt 0 ]; then label_args=(-LE "^($(IFS='|'; echo "${excluded[*]}"))\$"); fi
 ctest --test-dir "$build" --output-on-failure -j "$jobs" "${label_args[@]}"

@@ -2,6 +2,7 @@
 // checkpoint, greedy or sampled, with a key/value cache, under any tensor/pipeline layout.
 // Data-parallel replicas (ranks beyond tensor x pipeline) each generate the same continuations;
 // world rank 0 prints them.
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -113,6 +114,31 @@ std::string recorded_source(const std::string& config_json) {
                      "pretrained_checkpoint_path");
 }
 
+// The tokens transformers' generate stops at for a Hugging Face folder: the eos_token_id (one id
+// or a list) of generation_config.json, or of config.json where the folder has no
+// generation_config.json; empty when it names none.
+std::vector<std::int32_t> folder_eos_ids(const fs::path& folder) {
+  for (const char* name : {"generation_config.json", "config.json"}) {
+    const fs::path file = folder / name;
+    if (!fs::is_regular_file(file)) continue;
+    std::ifstream in(file);
+    const auto json = nlohmann::json::parse(in, nullptr, false);
+    if (!json.is_object())
+      throw UserError(file.string() + ": not a JSON object; expected a Hugging Face " + name);
+    if (!json.contains("eos_token_id") || json["eos_token_id"].is_null()) return {};
+    const nlohmann::json& eos = json["eos_token_id"];
+    std::vector<std::int32_t> ids;
+    for (const auto& id : eos.is_array() ? eos : nlohmann::json::array({eos})) {
+      if (!id.is_number_integer() || id.get<std::int64_t>() < 0)
+        throw UserError(file.string() + ": eos_token_id " + eos.dump() +
+                        ": expected a token id or a list of token ids");
+      ids.push_back(id.get<std::int32_t>());
+    }
+    return ids;
+  }
+  return {};
+}
+
 void check_settings(const Options& options) {
   if (options.get_int("max_new_tokens") < 1)
     throw UserError("--max_new_tokens=" + std::to_string(options.get_int("max_new_tokens")) +
@@ -176,6 +202,8 @@ int run_generate(const Args& args) {
   // The tokenizer: --tokenizer, else the Hugging Face folder's (for --load, the folder the run
   // started from, known once the checkpoint is read).
   std::optional<Tokenizer> tokenizer;
+  // Where the model came from: its tokenizer and end tokens are that folder's.
+  std::string source = folder;
   if (!options.get_string("tokenizer").empty()) {
     tokenizer.emplace(options.get_string("tokenizer"));
   } else if (!folder.empty() && fs::is_regular_file(fs::path(folder) / "tokenizer.model")) {
@@ -211,7 +239,7 @@ int run_generate(const Args& args) {
     ranks.dp_size = layout.data_parallel;
     const TrainState state = load_checkpoint(path, model, nullptr, ranks);
     config.run = saved_run_settings(state.config_json);
-    const std::string source = recorded_source(state.config_json);
+    source = recorded_source(state.config_json);
     if (!tokenizer && !source.empty() && fs::is_regular_file(fs::path(source) / "tokenizer.model"))
       tokenizer.emplace(source);
     if (!tokenizer && !ids_given)
@@ -228,7 +256,9 @@ int run_generate(const Args& args) {
   settings.max_new_tokens = max_new;
   settings.temperature = options.get_float("temperature");
   settings.top_p = options.get_float("top_p");
-  settings.eos_id = tokenizer ? tokenizer->eos_id() : -1;
+  // As transformers: the model's own end tokens, else the tokenizer's.
+  if (!source.empty()) settings.eos_ids = folder_eos_ids(source);
+  if (settings.eos_ids.empty() && tokenizer) settings.eos_ids = {tokenizer->eos_id()};
   const auto seed = static_cast<std::uint64_t>(options.get_int("seed"));
   for (std::size_t i = 0; i < prompts.size(); ++i) {
     settings.seed = seed + i;
@@ -239,7 +269,9 @@ int run_generate(const Args& args) {
         std::cout << (t ? "," : "") << tokens[t];
       std::cout << "\n";
     } else {
-      if (!tokens.empty() && tokens.back() == settings.eos_id) tokens.pop_back();
+      if (!tokens.empty() &&
+          std::ranges::find(settings.eos_ids, tokens.back()) != settings.eos_ids.end())
+        tokens.pop_back();
       std::cout << tokenizer->decode(tokens) << "\n";
     }
     std::cout.flush();

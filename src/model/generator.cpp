@@ -73,10 +73,7 @@ const Parameter* Generator::row_parallel_bias(const Parameter* bias) const {
 }
 
 void Generator::linear(Tensor x, const Parameter* weight, const Parameter* bias, Tensor y) {
-  const std::int64_t rows = x.numel() / weight->shape[1];
-  backend_.gemm(false, true, rows, weight->shape[0], weight->shape[1], 1.0f, x, weight->weight,
-                0.0f, y);
-  if (bias) backend_.add_bias(y, bias->weight);
+  backend_.linear_forward(x, weight->weight, bias ? bias->weight : Tensor(), y);
 }
 
 DeviceArray Generator::norm(Tensor x, const Parameter* weight, const Parameter* bias) {
@@ -260,7 +257,7 @@ std::vector<std::int32_t> Generator::generate(const std::vector<std::int32_t>& p
     if (decides) token = choose_token(logits, settings.temperature, settings.top_p, uniform);
     token = share_token(token);
     out.push_back(token);
-    if (token == settings.eos_id) break;
+    if (std::ranges::find(settings.eos_ids, token) != settings.eos_ids.end()) break;
     input.assign(1, token);
   }
   for (Layer& layer : layers_) {

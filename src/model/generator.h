@@ -17,10 +17,11 @@ namespace fastllm {
 
 struct GenerationSettings {
   std::int64_t max_new_tokens = 64;
-  double temperature = 0;    // 0: greedy (the most probable token, the lowest id on a tie)
-  double top_p = 1;          // sampling keeps the most probable tokens up to this probability mass
-  std::uint64_t seed = 0;    // of the sampling
-  std::int32_t eos_id = -1;  // stops after generating it; -1: runs to max_new_tokens
+  double temperature = 0;  // 0: greedy (the most probable token, the lowest id on a tie)
+  double top_p = 1;        // sampling keeps the most probable tokens up to this probability mass
+  std::uint64_t seed = 0;  // of the sampling
+  // Generation stops after any of these tokens (none: runs to max_new_tokens).
+  std::vector<std::int32_t> eos_ids;
 };
 
 // The next token from the logits of the whole vocabulary: argmax at temperature 0, else a sample
@@ -35,8 +36,8 @@ class Generator {
   Generator(Model& model, const RunSettings& run, Communicator* stages);
 
   // Collective over the model's tensor and pipeline groups, which all pass the same prompt and
-  // settings and all return the same new tokens (without the prompt; ending with eos_id when it
-  // was generated).
+  // settings and all return the same new tokens (without the prompt; ending with an EOS token
+  // when one was generated).
   std::vector<std::int32_t> generate(const std::vector<std::int32_t>& prompt,
                                      const GenerationSettings& settings);
 

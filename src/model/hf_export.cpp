@@ -14,6 +14,7 @@
 #include "io/error.h"
 #include "io/half.h"
 #include "io/safetensors.h"
+#include "model/hf_tokenizer_json.h"
 
 namespace fastllm {
 namespace {
@@ -346,6 +347,20 @@ int export_hf_model(Model& model, const HfExportSettings& s, const std::string& 
                     "; pass the tokenizer the model was "
                     "trained with (--tokenizer)");
   const ordered_json config = hf_config_json(s, tokens);
+  // A Hugging Face folder's own tokenizer.json is the upstream's serialization: shipped as it is;
+  // otherwise one is generated, before any weight is written (it can be refused).
+  fs::path upstream_tokenizer_json;
+  ordered_json tokenizer_json;
+  if (s.tokenizer != nullptr) {
+    const fs::path model_file(s.tokenizer->path());
+    std::error_code err;
+    if (model_file.filename() == "tokenizer.model" &&
+        fs::is_regular_file(model_file.parent_path() / "tokenizer.json", err)) {
+      upstream_tokenizer_json = model_file.parent_path() / "tokenizer.json";
+    } else {
+      tokenizer_json = hf_tokenizer_json(*s.tokenizer);
+    }
+  }
 
   StagedFolder folder(normalised(output), overwrite);
   const int files = write_weights(model, s, folder.path());
@@ -355,6 +370,14 @@ int export_hf_model(Model& model, const HfExportSettings& s, const std::string& 
     std::error_code err;
     fs::copy_file(s.tokenizer->path(), folder.path() / "tokenizer.model", err);
     if (err) throw UserError("export: cannot copy " + s.tokenizer->path() + ": " + err.message());
+    if (upstream_tokenizer_json.empty()) {
+      write_json(folder.path() / "tokenizer.json", tokenizer_json);
+    } else {
+      fs::copy_file(upstream_tokenizer_json, folder.path() / "tokenizer.json", err);
+      if (err)
+        throw UserError("export: cannot copy " + upstream_tokenizer_json.string() + ": " +
+                        err.message());
+    }
     write_json(folder.path() / "tokenizer_config.json",
                tokenizer_config(tokens, s.max_position_embeddings));
     write_json(folder.path() / "special_tokens_map.json", special_tokens_map(tokens));

@@ -2,7 +2,9 @@
 // Writing a model as a Hugging Face folder that transformers' from_pretrained + generate and vLLM
 // load: config.json, generation_config.json, the weights as safetensors (sharded with
 // model.safetensors.index.json), and, when the model has a tokenizer, its tokenizer.model with a
-// LlamaTokenizer configuration. The reading side is model/hf_weights.h and io/hf_config.h.
+// LlamaTokenizer configuration and a tokenizer.json (the tokenizer folder's own, or one generated
+// from tokenizer.model by model/hf_tokenizer_json.h). The reading side is model/hf_weights.h and
+// io/hf_config.h.
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>

@@ -296,10 +296,7 @@ void Model::norm_backward(Tensor x, const Parameter* weight, const Parameter* bi
 }
 
 void Model::linear_forward(Tensor x, const Parameter* weight, const Parameter* bias, Tensor y) {
-  const std::int64_t rows = x.numel() / weight->shape[1];
-  backend_.gemm(false, true, rows, weight->shape[0], weight->shape[1], 1.0f, x, weight->weight,
-                0.0f, y);
-  if (bias) backend_.add_bias(y, bias->weight);
+  backend_.linear_forward(x, weight->weight, bias ? bias->weight : Tensor(), y);
 }
 
 void Model::linear_backward(Tensor x, const Parameter* weight, const Parameter* bias, Tensor dy,
@@ -307,8 +304,7 @@ void Model::linear_backward(Tensor x, const Parameter* weight, const Parameter* 
   const std::int64_t out = weight->shape[0], in = weight->shape[1];
   const std::int64_t rows = x.numel() / in;
   // Weight gradients first, so that dx may reuse the memory of x.
-  backend_.gemm(true, false, out, in, rows, 1.0f, dy, x, 1.0f, weight->grad);
-  if (bias) backend_.bias_backward(dy, bias->grad);
+  backend_.linear_backward_weight(x, dy, weight->grad, bias ? bias->grad : Tensor());
   if (dx.data) backend_.gemm(false, false, rows, in, out, 1.0f, dy, weight->weight, beta, dx);
 }
 
@@ -694,8 +690,12 @@ void Model::head_forward(ForwardState& st) {
     std::vector<float> sums(static_cast<std::size_t>(2 * experts));
     backend_.copy_to_host(sums.data(), st.router.t);
     const double total = static_cast<double>(tokens * arch_.num_layers) * st.aux_replicas;
-    for (std::int64_t e = 0; e < experts; ++e)
+    const double slots = total * static_cast<double>(arch_.num_experts_per_token);
+    st.expert_load.resize(static_cast<std::size_t>(experts));
+    for (std::int64_t e = 0; e < experts; ++e) {
       st.aux_loss += experts * (sums[e] / total) * (sums[experts + e] / total);
+      st.expert_load[e] = sums[e] / slots;
+    }
   }
 }
 
@@ -748,6 +748,10 @@ Tensor Model::logits(const ForwardState& st) const {
 
 double Model::aux_loss(const ForwardState& st) const {
   return st.aux_loss;
+}
+
+const std::vector<double>& Model::expert_load(const ForwardState& st) const {
+  return st.expert_load;
 }
 
 std::unique_ptr<Model::ForwardState> Model::forward_stage(const MicroBatch& mb,

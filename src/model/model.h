@@ -128,11 +128,12 @@ class Model {
   // Forward of this stage's layers. The first stage embeds the micro-batch's ids and ignores
   // `input`; the others take ownership of it. The last stage ends with the logits of its
   // vocabulary slice, logits(state) [tokens, vocab().rows], and (MoE) the micro-batch's
-  // load-balancing loss, aux_loss(state). The cross-entropy over the logits is the caller's
-  // (vocabulary-parallel, parallel/cross_entropy.h).
+  // load-balancing loss, aux_loss(state), and each expert's load, expert_load(state). The
+  // cross-entropy over the logits is the caller's (vocabulary-parallel, parallel/cross_entropy.h).
   std::unique_ptr<ForwardState> forward_stage(const MicroBatch& batch, StageTensors input);
   Tensor logits(const ForwardState& state) const;
   double aux_loss(const ForwardState& state) const;
+  const std::vector<double>& expert_load(const ForwardState& state) const;
   // What forward_stage hands to the next stage (views into the state).
   Tensor stage_output(const ForwardState& state) const;
   Tensor stage_router_sums(const ForwardState& state) const;
@@ -180,6 +181,9 @@ class Model {
     DeviceArray positions;  // [batch, seq] I32 when the micro-batch packs documents
     DeviceArray router;     // [2 * experts]: top-k counts, then probability sums (MoE)
     double aux_loss = 0;
+    // MoE: each expert's share of the routed token slots over all layers (sums to 1), over the
+    // same tokens as aux_loss.
+    std::vector<double> expert_load;
     int aux_replicas = 1;  // data-parallel ranks whose statistics the load-balancing loss is over
     std::vector<LayerActivations> layers;
   };

@@ -55,10 +55,13 @@ void finalize_gradients(Model& model, const Topology& topology, Tensor zero_shar
 
 GlobalLoss global_loss(const PipelineTotals& local, const Topology& topology) {
   const bool reports = topology.last_stage() && topology.at.tp == 0;
-  double sums[3] = {local.ce_sum, local.aux_sum, static_cast<double>(local.predicted)};
-  if (!reports) sums[0] = sums[1] = sums[2] = 0.0;
-  MPI_Allreduce(MPI_IN_PLACE, sums, 3, MPI_DOUBLE, MPI_SUM, topology.world);
-  return {sums[0], sums[1], static_cast<std::int64_t>(sums[2])};
+  std::vector<double> sums = {local.ce_sum, local.aux_sum, static_cast<double>(local.predicted)};
+  sums.insert(sums.end(), local.expert_load_sum.begin(), local.expert_load_sum.end());
+  if (!reports) std::fill(sums.begin(), sums.end(), 0.0);
+  MPI_Allreduce(MPI_IN_PLACE, sums.data(), static_cast<int>(sums.size()), MPI_DOUBLE, MPI_SUM,
+                topology.world);
+  return {sums[0], sums[1], static_cast<std::int64_t>(sums[2]),
+          std::vector<double>(sums.begin() + 3, sums.end())};
 }
 
 }  // namespace fastllm

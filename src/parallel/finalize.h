@@ -3,6 +3,7 @@
 // one place (as Megatron's finalize_model_grads; docs/DESIGN.md section 3). The trainer and
 // `fastllm probe` both go through these.
 #include <cstdint>
+#include <vector>
 
 #include "model/model.h"
 #include "parallel/pipeline.h"
@@ -40,7 +41,10 @@ struct GlobalLoss {
   double ce_sum = 0;   // cross-entropy summed over the predicted tokens
   double aux_sum = 0;  // MoE load-balancing losses summed over micro-batches
   std::int64_t predicted = 0;
+  std::vector<double> expert_load_sum;  // MoE: expert loads summed over micro-batches
 };
+// Collective over the world: every rank's local.expert_load_sum has the same size (the
+// pipeline's totals have one entry per expert on every stage).
 GlobalLoss global_loss(const PipelineTotals& local, const Topology& topology);
 
 }  // namespace fastllm

@@ -75,6 +75,9 @@ Pipeline::InFlight Pipeline::forward_one(const MicroBatch& mb, Model::StageTenso
   }
   totals.ce_sum += loss_.forward(stage_logits, mb.targets, flight.loss);
   totals.aux_sum += model_.aux_loss(*flight.state);
+  const std::vector<double>& load = model_.expert_load(*flight.state);
+  for (std::size_t e = 0; e < load.size(); ++e)
+    totals.expert_load_sum[e] += load[e];
   totals.predicted +=
       std::count_if(mb.targets.begin(), mb.targets.end(), [](std::int32_t t) { return t >= 0; });
   return flight;
@@ -87,6 +90,12 @@ Model::StageTensors Pipeline::backward_one(InFlight flight, double ce_scale, dou
   return model_.backward_stage(std::move(flight.state), std::move(grad), aux_scale);
 }
 
+PipelineTotals Pipeline::empty_totals() const {
+  PipelineTotals totals;
+  totals.expert_load_sum.assign(static_cast<std::size_t>(model_.arch().num_experts), 0.0);
+  return totals;
+}
+
 PipelineTotals Pipeline::forward_backward(const std::vector<MicroBatch>& batches, double ce_scale,
                                           double aux_scale,
                                           std::vector<std::vector<float>>* logits) {
@@ -94,7 +103,7 @@ PipelineTotals Pipeline::forward_backward(const std::vector<MicroBatch>& batches
   const std::int64_t warmup = std::min<std::int64_t>(stages_ - stage_ - 1, count);
   std::deque<InFlight> in_flight;
   std::size_t forwarded = 0, backwarded = 0;
-  PipelineTotals totals;
+  PipelineTotals totals = empty_totals();
   auto forward_next = [&](Model::StageTensors input) {
     in_flight.push_back(forward_one(batches[forwarded++], std::move(input), totals, logits));
   };
@@ -129,7 +138,7 @@ PipelineTotals Pipeline::forward_backward(const std::vector<MicroBatch>& batches
 }
 
 PipelineTotals Pipeline::forward(const std::vector<MicroBatch>& batches) {
-  PipelineTotals totals;
+  PipelineTotals totals = empty_totals();
   for (const MicroBatch& mb : batches) {
     const InFlight flight = forward_one(mb, recv_forward(mb), totals, nullptr);
     send_forward(*flight.state);

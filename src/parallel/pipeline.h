@@ -17,6 +17,8 @@ struct PipelineTotals {
   double ce_sum = 0;
   double aux_sum = 0;
   std::int64_t predicted = 0;
+  // MoE: Model::expert_load summed over micro-batches; one entry per expert on every stage.
+  std::vector<double> expert_load_sum;
 };
 
 class Pipeline {
@@ -46,6 +48,7 @@ class Pipeline {
   // Forward of one micro-batch on this stage; the last stage adds its loss to totals.
   InFlight forward_one(const MicroBatch& mb, Model::StageTensors input, PipelineTotals& totals,
                        std::vector<std::vector<float>>* logits);
+  PipelineTotals empty_totals() const;
   Model::StageTensors backward_one(InFlight flight, double ce_scale, double aux_scale,
                                    Model::StageTensors grad);
   bool first() const { return stage_ == 0; }

@@ -2,6 +2,7 @@
 
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -253,8 +254,8 @@ class Trainer {
   std::optional<double> evaluate();  // nullopt: interrupted by a signal
   void report_evaluation(std::int64_t iteration);
   void save(std::int64_t iteration);
-  void log(std::int64_t iteration, double loss, double aux_loss, double lr, double grad_norm,
-           double seconds);
+  void log(std::int64_t iteration, double loss, double aux_loss,
+           const std::vector<double>& expert_load, double lr, double grad_norm, double seconds);
   void record(const nlohmann::ordered_json& line);
   double allreduce_sum(double value) const;
   CheckpointRanks checkpoint_ranks() const;
@@ -272,7 +273,8 @@ class Trainer {
   std::unique_ptr<DataSampler> train_data_, valid_data_;
   TrainState state_;
   double step_loss_ = 0, step_grad_norm_ = 0;
-  double step_aux_loss_ = 0;        // MoE: the load-balancing loss, before --moe_aux_loss_coeff
+  double step_aux_loss_ = 0;  // MoE: the load-balancing loss, before --moe_aux_loss_coeff
+  std::vector<double> step_expert_load_;  // MoE: each expert's share of the routed token slots
   bool step_skipped_ = false;       // the step's loss or gradient norm was not finite: no update
   bool gradients_cleared_ = false;  // by the last update, which read them all
   std::int64_t skipped_in_a_row_ = 0, skipped_total_ = 0;
@@ -493,9 +495,9 @@ void Trainer::sample(std::int64_t iteration) {
                       topo_.pipeline->size() > 1 ? topo_.pipeline.get() : nullptr);
   GenerationSettings settings;
   settings.max_new_tokens = s_.sample_tokens;
-  settings.eos_id = tokenizer_->eos_id();
+  settings.eos_ids = {tokenizer_->eos_id()};
   std::vector<std::int32_t> tokens = generator.generate(sample_ids_, settings);
-  if (!tokens.empty() && tokens.back() == settings.eos_id) tokens.pop_back();
+  if (!tokens.empty() && tokens.back() == tokenizer_->eos_id()) tokens.pop_back();
   // Decoded with the prompt, so that the space between them is kept.
   std::vector<std::int32_t> text(sample_ids_.begin(), sample_ids_.end());
   if (!text.empty() && text.front() == tokenizer_->bos_id()) text.erase(text.begin());
@@ -550,6 +552,9 @@ void Trainer::step(std::int64_t iteration) {
   const GlobalLoss loss = global_loss(totals, topo_);
   step_loss_ = loss.ce_sum / predicted + coeff * loss.aux_sum / micro_batches;
   step_aux_loss_ = loss.aux_sum / micro_batches;
+  step_expert_load_ = loss.expert_load_sum;
+  for (double& l : step_expert_load_)
+    l /= micro_batches;
   step_grad_norm_ = std::sqrt(allreduce_sum(optimizer_.grad_sum_squares()));
   // The same values on every rank, so all skip together; a skipped step changes no weight.
   step_skipped_ = !std::isfinite(step_loss_) || !std::isfinite(step_grad_norm_);
@@ -626,7 +631,8 @@ void Trainer::record(const nlohmann::ordered_json& line) {
   });
 }
 
-void Trainer::log(std::int64_t iteration, double loss, double aux_loss, double lr, double grad_norm,
+void Trainer::log(std::int64_t iteration, double loss, double aux_loss,
+                  const std::vector<double>& expert_load, double lr, double grad_norm,
                   double seconds) {
   const double step_seconds =
       seconds / static_cast<double>(std::max<std::int64_t>(1, interval_iterations_));
@@ -645,7 +651,10 @@ void Trainer::log(std::int64_t iteration, double loss, double aux_loss, double l
                                  {"tflops_per_device", tflops},
                                  {"step_seconds", step_seconds}};
   line["mfu"] = s_.peak_tflops > 0 ? nlohmann::ordered_json(tflops / s_.peak_tflops) : nullptr;
-  if (config_.arch.is_moe()) line["aux_loss"] = aux_loss;
+  if (config_.arch.is_moe()) {
+    line["aux_loss"] = aux_loss;
+    line["expert_load"] = expert_load;
+  }
   // The largest of all ranks: the one that runs out first.
   double peaks[2] = {host_peak_bytes(), -1.0};
 #if FASTLLM_HAVE_CUDA
@@ -675,7 +684,11 @@ void Trainer::log(std::int64_t iteration, double loss, double aux_loss, double l
   std::string extra;
   char part[96];
   if (config_.arch.is_moe()) {
-    std::snprintf(part, sizeof part, " | aux loss %.5f", aux_loss);
+    // Relative to an even share: 1/1 is perfect balance; 0 is an expert no token chose.
+    const auto [least, most] = std::minmax_element(expert_load.begin(), expert_load.end());
+    const double even = static_cast<double>(expert_load.size());
+    std::snprintf(part, sizeof part, " | aux loss %.5f | expert load min/max %.2f/%.2f", aux_loss,
+                  *least * even, *most * even);
     extra += part;
   }
   std::snprintf(part, sizeof part, " | peak memory host %.2f GiB", peaks[0] / gib);
@@ -796,6 +809,7 @@ int Trainer::run() {
   }
   interval_start_ = std::chrono::steady_clock::now();
   double loss_sum = 0, aux_sum = 0;
+  std::vector<double> load_sum(static_cast<std::size_t>(config_.arch.num_experts), 0.0);
   std::int64_t losses = 0;
   for (std::int64_t it = state_.iteration; it < s_.train_iters; ++it) {
     const double lr = s_.schedule.at(it);
@@ -808,6 +822,8 @@ int Trainer::run() {
       skipped_in_a_row_ = 0;
       loss_sum += step_loss_;
       aux_sum += step_aux_loss_;
+      for (std::size_t e = 0; e < load_sum.size(); ++e)
+        load_sum[e] += step_expert_load_[e];
       ++losses;
     }
     if (done % s_.log_interval == 0 || done == s_.train_iters) {
@@ -816,9 +832,13 @@ int Trainer::run() {
       const double nan = std::numeric_limits<double>::quiet_NaN();
       const double loss = losses > 0 ? loss_sum / static_cast<double>(losses) : nan;
       const double aux = losses > 0 ? aux_sum / static_cast<double>(losses) : nan;
-      log(done, loss, aux, lr, step_grad_norm_, seconds);
+      std::vector<double> load = load_sum;
+      for (double& l : load)
+        l = losses > 0 ? l / static_cast<double>(losses) : nan;
+      log(done, loss, aux, load, lr, step_grad_norm_, seconds);
       loss_sum = 0;
       aux_sum = 0;
+      std::fill(load_sum.begin(), load_sum.end(), 0.0);
       losses = 0;
       interval_iterations_ = 0;
       interval_start_ = std::chrono::steady_clock::now();

@@ -1,11 +1,13 @@
 // `fastllm generate` on one rank: greedy tokens with the key/value cache equal greedy decoding by
-// full forwards (`fastllm probe`) on every fixture; sampling repeats with its seed; a checkpoint
+// full forwards (`fastllm probe`) and transformers' greedy generate on every fixture, stopping
+// where transformers stops; sampling repeats with its seed; a checkpoint
 // (--load) generates as the folder it was converted from; text prompts go through the tokenizer
 // with BOS first and stop at EOS; each bad input is one clear error.
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <span>
 
 #include "cli/generate_support.h"
@@ -17,6 +19,17 @@ namespace {
 
 constexpr int kNew = 24;  // past the dev fixtures' window of 16 with the prompt of 10
 const std::string kNewFlag = "--max_new_tokens=" + std::to_string(kNew);
+
+// A copy of a fixture folder whose generation_config.json says eos_token_id: `eos`.
+std::string with_eos(const TempDir& dir, const std::string& fixture, const nlohmann::json& eos) {
+  const std::filesystem::path folder = dir / fixture;
+  std::filesystem::copy(kFixtures + "/" + fixture, folder);
+  std::ifstream in(folder / "generation_config.json");
+  nlohmann::json config = nlohmann::json::parse(in);
+  config["eos_token_id"] = eos;
+  std::ofstream(folder / "generation_config.json") << config.dump();
+  return folder.string();
+}
 
 TEST(Generate, GreedyEqualsFullForwardsMistralWithWindow) {
   const auto tokens = generate_ids("dev-mistral", kPrompt, kNewFlag);
@@ -36,6 +49,33 @@ TEST(Generate, GreedyEqualsFullForwardsTiedWithoutWindow) {
   expect_greedy("dev-tied-nowindow", kPrompt, tokens);
 }
 
+// transformers' greedy generate, recorded by tests/support/hf_reference.py.
+nlohmann::json hf_reference(const std::string& part) {
+  std::ifstream in(FASTLLM_HF_REFERENCE);
+  return nlohmann::json::parse(in).at(part);
+}
+
+TEST(Generate, GreedyEqualsTransformersGenerateOnEveryFixture) {
+  const nlohmann::json reference = hf_reference("generate");
+  ASSERT_EQ(reference.size(), 3u);
+  for (const auto& [name, want] : reference.items()) {
+    const auto tokens = generate_ids(name, want["prompt"].get<std::vector<std::int32_t>>(),
+                                     "--max_new_tokens=" + want["max_new_tokens"].dump());
+    EXPECT_EQ(tokens, want["tokens"].get<std::vector<std::int32_t>>()) << name;
+  }
+}
+
+// As transformers, generation stops at any of the folder's end tokens (here a list whose second
+// token greedy decoding reaches as its eighth).
+TEST(Generate, StopsAtTheFoldersEndTokensAsTransformers) {
+  const nlohmann::json want = hf_reference("generate_to_eos")["dev-mistral"];
+  TempDir dir;
+  const std::string folder = with_eos(dir, "dev-mistral", want["eos_token_id"]);
+  const auto tokens = generate_ids(folder, want["prompt"].get<std::vector<std::int32_t>>(),
+                                   "--max_new_tokens=" + want["max_new_tokens"].dump());
+  EXPECT_EQ(tokens, want["tokens"].get<std::vector<std::int32_t>>());
+}
+
 TEST(Generate, OneTokenPromptAndOneNewToken) {
   const std::vector<std::int32_t> prompt = {5};
   const auto tokens = generate_ids("dev-mistral", prompt, "--max_new_tokens=1");
@@ -44,10 +84,13 @@ TEST(Generate, OneTokenPromptAndOneNewToken) {
 }
 
 TEST(Generate, SamplingRepeatsWithItsSeedAndDiffersWithAnother) {
+  // Without an end token, so that every sample runs to its length.
+  TempDir dir;
+  const std::string model = with_eos(dir, "dev-mistral", nullptr);
   const std::string flags = kNewFlag + " --temperature=1.5 --top_p=0.95";
-  const auto a = generate_ids("dev-mistral", kPrompt, flags + " --seed=5");
-  const auto b = generate_ids("dev-mistral", kPrompt, flags + " --seed=5");
-  const auto c = generate_ids("dev-mistral", kPrompt, flags + " --seed=6");
+  const auto a = generate_ids(model, kPrompt, flags + " --seed=5");
+  const auto b = generate_ids(model, kPrompt, flags + " --seed=5");
+  const auto c = generate_ids(model, kPrompt, flags + " --seed=6");
   ASSERT_EQ(a.size(), static_cast<std::size_t>(kNew));
   EXPECT_EQ(a, b);
   EXPECT_NE(a, c);
@@ -193,6 +236,14 @@ TEST(GenerateErrors, BadSamplingSettings) {
   expect_error(kModel + "--prompt_ids=1 --top_p=0", "--top_p=0: expected a number in (0, 1]");
   expect_error(kModel + "--prompt_ids=1 --temperature=-1", "--temperature=-1: expected 0");
   expect_error(kModel + "--prompt_ids=1 --max_new_tokens=0", "--max_new_tokens=0: expected");
+}
+TEST(GenerateErrors, MalformedEndToken) {
+  TempDir dir;
+  const std::string folder = with_eos(dir, "dev-mistral", "two");
+  expect_error("--pretrained_checkpoint_path=" + folder + " --prompt_ids=1",
+               folder +
+                   "/generation_config.json: eos_token_id \"two\": expected a token id or "
+                   "a list of token ids");
 }
 TEST(GenerateErrors, EmptyPromptFile) {
   TempDir dir;

@@ -55,7 +55,7 @@ ModelConfig fixture_config(const std::string& name) {
   return resolve_model(options);
 }
 
-// With eos_id the token generated at some step, generation ends right after it.
+// With an EOS token the token generated at some step, generation ends right after it.
 TEST(Generator, StopsAfterEos) {
   const ModelConfig config = fixture_config("dev-mixtral");
   HostBackend backend;
@@ -67,13 +67,17 @@ TEST(Generator, StopsAfterEos) {
   const std::vector<std::int32_t> prompt = {1, 40, 700, 3};
   const auto all = generator.generate(prompt, settings);
   ASSERT_EQ(all.size(), 20u);
-  settings.eos_id = all[7];
+  // A list of EOS tokens, the first of which never comes.
+  std::int32_t absent = 0;
+  while (std::find(all.begin(), all.end(), absent) != all.end())
+    ++absent;
+  settings.eos_ids = {absent, all[7]};
   const auto first =
       static_cast<std::size_t>(std::find(all.begin(), all.end(), all[7]) - all.begin());
   const auto stopped = generator.generate(prompt, settings);
   EXPECT_EQ(stopped, std::vector<std::int32_t>(all.begin(), all.begin() + first + 1));
   // The cache is rebuilt for each call: the first call again gives the same tokens.
-  settings.eos_id = -1;
+  settings.eos_ids = {};
   EXPECT_EQ(generator.generate(prompt, settings), all);
 }
 

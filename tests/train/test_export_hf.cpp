@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -66,10 +67,15 @@ TEST(ExportHf, CompleteFolderWithTokenizer) {
   const CommandResult r = run_fastllm("export --load=" + ckpt + " --output=" + out.string() +
                                       " --dtype=fp32 --tokenizer=" + kTokenizer);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(names_in(out), (std::set<std::string>{"config.json", "generation_config.json",
-                                                  "model.safetensors", "special_tokens_map.json",
-                                                  "tokenizer.model", "tokenizer_config.json"}));
+  EXPECT_EQ(names_in(out),
+            (std::set<std::string>{"config.json", "generation_config.json", "model.safetensors",
+                                   "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                                   "tokenizer_config.json"}));
   EXPECT_EQ(read_text(out / "tokenizer.model"), read_text(kTokenizer));
+  // Generated from tokenizer.model (tests/model/test_hf_tokenizer_json.cpp checks its content).
+  const json tokenizer_json = read_json(out / "tokenizer.json");
+  EXPECT_EQ(tokenizer_json["model"]["type"], "BPE");
+  EXPECT_EQ(tokenizer_json["post_processor"]["special_tokens"]["<s>"]["ids"], json::array({1}));
 
   const json config = read_json(out / "config.json");
   EXPECT_EQ(config["bos_token_id"], 1);
@@ -117,6 +123,32 @@ TEST(ExportHf, TokenizerOfTheSourceFolderByDefault) {
   EXPECT_EQ(config["model_type"], "mixtral");
   EXPECT_EQ(config["bos_token_id"], 1);
   EXPECT_EQ(config["eos_token_id"], 2);
+}
+
+// A Hugging Face folder's tokenizer.json (the upstream's) is shipped as it is, whether the folder
+// is
+// --tokenizer or the one the run was converted from; a lone tokenizer.model gets a generated one.
+TEST(ExportHf, UpstreamTokenizerJsonIsShippedAsItIs) {
+  TempDir dir;
+  const fs::path source = linked_fixture(dir, "dev-mistral");
+  fs::copy_file(kTokenizer, source / "tokenizer.model");
+  const std::string upstream = R"({"version": "1.0", "model": {"type": "upstream"}})";
+  { std::ofstream(source / "tokenizer.json") << upstream; }
+  const std::string ckpt = convert(dir, source.string());
+  for (const std::string& flag : {std::string(), " --tokenizer=" + source.string(),
+                                  " --tokenizer=" + (source / "tokenizer.model").string()}) {
+    const fs::path out = dir / "hf";
+    fs::remove_all(out);
+    const CommandResult r =
+        run_fastllm("export --load=" + ckpt + " --output=" + out.string() + flag);
+    ASSERT_EQ(r.exit_code, 0) << flag << r.err;
+    EXPECT_EQ(read_text(out / "tokenizer.json"), upstream) << flag;
+  }
+  const fs::path out = dir / "hf-lone";
+  const CommandResult r = run_fastllm("export --load=" + ckpt + " --output=" + out.string() +
+                                      " --tokenizer=" + kTokenizer);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(read_json(out / "tokenizer.json")["model"]["type"], "BPE");
 }
 
 TEST(ExportHf, WithoutTokenizerMistralIdsAndANote) {

@@ -1,8 +1,12 @@
 // Logs a user can trust: where the weights came from, warnings when a resume changes the run,
 // restarts marked in metrics.jsonl without repeated iterations, wall-clock time and peak memory,
-// the MoE load-balancing loss, and greedy samples every --sample_interval iterations.
+// the MoE load-balancing loss and expert load, and greedy samples every --sample_interval
+// iterations.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
 #include <regex>
 
 #include "train/train_support.h"
@@ -130,6 +134,24 @@ TEST(TrainLogsMoe, ReportsTheLoadBalancingLoss) {
   // The Switch loss num_experts * sum(f_i * P_i) is at least 1 (perfect balance) per layer.
   for (const auto& line : lines)
     EXPECT_GE(line["aux_loss"].get<double>(), 1.0 - 1e-6) << line;
+  // Iteration 1 routes the trajectory's first batch with the fixture's weights: each expert's
+  // share of the top-2 slots over both layers, as transformers' router logits give it
+  // (tests/support/hf_reference.py).
+  std::ifstream in(FASTLLM_HF_REFERENCE);
+  const auto want = nlohmann::json::parse(in)["expert_load"]["dev-mixtral"]["load"];
+  const auto load = lines[0]["expert_load"];
+  ASSERT_EQ(load.size(), want.size()) << lines[0];
+  for (std::size_t e = 0; e < load.size(); ++e)
+    EXPECT_NEAR(load[e].get<double>(), want[e].get<double>(), 1e-12) << e;
+  // The progress line shows the least and most loaded relative to an even share.
+  double least = 1, most = 0;
+  for (const auto& w : want) {
+    least = std::min(least, w.get<double>() * 4);
+    most = std::max(most, w.get<double>() * 4);
+  }
+  char text[64];
+  std::snprintf(text, sizeof text, "| expert load min/max %.2f/%.2f", least, most);
+  EXPECT_NE(r.out.find(text), std::string::npos) << r.out;
 }
 
 TEST_F(TrainLogs, SamplesEveryIntervalAsGenerateDoes) {
