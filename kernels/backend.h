@@ -248,16 +248,19 @@ class Backend {
   // ---- optimizer ----
   // PyTorch AdamW on F32 master weights at step t (from 1); gradients are multiplied by
   // grad_scale first (clipping). weight_decay is applied as p *= 1 - lr * weight_decay.
-  virtual void adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr,
-                     float beta1, float beta2, float eps, float weight_decay, std::int64_t step,
-                     float grad_scale) = 0;
-  // adamw over each range of the flat F32 buffers param, grad, exp_avg and exp_avg_sq (indexed
-  // alike) with the range's weight decay, in one pass that also writes the new param to `weights`
-  // (in its dtype, e.g. the bf16 compute copy; skipped when weights is empty) and, when
-  // zero_grad, sets the consumed gradients to 0. Elements outside the ranges are left alone.
+  // Over each range of the flat F32 buffers param, grad, exp_avg and exp_avg_sq (indexed alike)
+  // with the range's weight decay, in one pass that also writes the new param to `weights` (in its
+  // dtype, e.g. the bf16 compute copy; skipped when weights is empty) and, when zero_grad, sets
+  // the consumed gradients to 0. Elements outside the ranges are left alone.
   virtual void adamw_ranges(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq,
                             Tensor weights, const std::vector<AdamWRange>& ranges,
                             const AdamWStepScalars& scalars, bool zero_grad) = 0;
+  // The same over the whole of the buffers, one weight decay, no weights copy.
+  void adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr, float beta1,
+             float beta2, float eps, float weight_decay, std::int64_t step, float grad_scale) {
+    adamw_ranges(param, grad, exp_avg, exp_avg_sq, Tensor(), {{0, param.numel(), weight_decay}},
+                 {lr, beta1, beta2, eps, step, grad_scale}, false);
+  }
 
   // ---- incremental decoding with a key/value cache (inference only: these ops have no
   // ---- backward, generation never differentiates through them)

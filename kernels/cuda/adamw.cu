@@ -1,6 +1,5 @@
-// PyTorch's AdamW on f32 master weights: one pass over a parameter (or a flat run of them), and
-// the fused pass over many runs that also writes the compute-dtype weights and clears the
-// gradients.
+// PyTorch's AdamW on f32 master weights: the fused pass over many runs that also writes the
+// compute-dtype weights and clears the gradients.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -14,8 +13,7 @@ namespace fastllm::cuda {
 namespace {
 
 struct AdamScalars {
-  float decay, avg_weight, avg_keep, sq_weight, beta2, neg_step_size, correction2_sqrt, eps,
-      grad_scale;
+  float avg_weight, avg_keep, sq_weight, beta2, neg_step_size, correction2_sqrt, eps, grad_scale;
   bool lerp_from_start;
 };
 
@@ -36,14 +34,6 @@ __device__ __forceinline__ float adamw_element(const AdamScalars& s, float decay
   return p;
 }
 
-template <class G>
-__global__ void adamw_kernel(float* p, const G* g, float* m, float* v, AdamScalars s,
-                             std::int64_t n) {
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    adamw_element(s, s.decay, to_f32(g[i]), p[i], m[i], v[i]);
-}
-
 // Each block sweeps its span of the runs' concatenation; W is the weights' dtype (void: none).
 template <class G, class W>
 __global__ void adamw_runs_kernel(const RangeRun* runs, int run_count, std::int64_t span,
@@ -59,47 +49,25 @@ __global__ void adamw_runs_kernel(const RangeRun* runs, int run_count, std::int6
             });
 }
 
-AdamScalars scalars_for(float lr, float beta1, float beta2, float eps, float weight_decay,
-                        std::int64_t step, float grad_scale) {
-  const double lr_d = lr;
+AdamScalars scalars_for(const AdamWStepScalars& in) {
+  const double lr = in.lr;
   AdamScalars s{};
-  s.decay = static_cast<float>(1.0 - lr_d * weight_decay);
-  s.avg_weight = static_cast<float>(1.0 - static_cast<double>(beta1));
+  s.avg_weight = static_cast<float>(1.0 - static_cast<double>(in.beta1));
   s.avg_keep = 1.0f - s.avg_weight;
   s.lerp_from_start = s.avg_weight < 0.5f;
-  s.sq_weight = static_cast<float>(1.0 - static_cast<double>(beta2));
-  s.beta2 = beta2;
-  const double correction1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
-  const double correction2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
-  s.neg_step_size = static_cast<float>(-(lr_d / correction1));
+  s.sq_weight = static_cast<float>(1.0 - static_cast<double>(in.beta2));
+  s.beta2 = in.beta2;
+  const auto step = static_cast<double>(in.step);
+  const double correction1 = 1.0 - std::pow(static_cast<double>(in.beta1), step);
+  const double correction2 = 1.0 - std::pow(static_cast<double>(in.beta2), step);
+  s.neg_step_size = static_cast<float>(-(lr / correction1));
   s.correction2_sqrt = static_cast<float>(std::sqrt(correction2));
-  s.eps = eps;
-  s.grad_scale = grad_scale;
+  s.eps = in.eps;
+  s.grad_scale = in.grad_scale;
   return s;
 }
 
 }  // namespace
-
-void CudaBackend::adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr,
-                        float beta1, float beta2, float eps, float weight_decay, std::int64_t step,
-                        float grad_scale) {
-  const char* op = "adamw";
-  const std::int64_t n = param.numel();
-  for (const Tensor* t : {&param, &exp_avg, &exp_avg_sq}) {
-    require_dtype(*t, DType::F32, op, "a tensor");
-    require_numel(*t, n, op, "a tensor");
-  }
-  require_float(grad, op, "grad");
-  require_numel(grad, n, op, "grad");
-  require(step >= 1, op, "step counts from 1");
-  if (n == 0) return;
-  const AdamScalars s = scalars_for(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
-  dispatch_float(grad.dtype, op, [&]<class G>() {
-    adamw_kernel<G><<<grid_for(n, 256), 256, 0, stream()>>>(
-        param.as<float>(), grad.as<G>(), exp_avg.as<float>(), exp_avg_sq.as<float>(), s, n);
-    FASTLLM_CUDA_LAUNCHED();
-  });
-}
 
 void CudaBackend::adamw_ranges(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq,
                                Tensor weights, const std::vector<AdamWRange>& ranges,
@@ -120,11 +88,10 @@ void CudaBackend::adamw_ranges(Tensor param, Tensor grad, Tensor exp_avg, Tensor
   require(scalars.step >= 1, op, "step counts from 1");
   RangeRuns runs = concatenate(ranges, n, op);
   if (runs.total == 0) return;
-  // Rounded as adamw and the host backend round it: in double, once.
+  // Rounded as the host backend rounds it: in double, once.
   for (RangeRun& r : runs.runs)
     r.decay = static_cast<float>(1.0 - static_cast<double>(scalars.lr) * r.weight_decay);
-  const AdamScalars s = scalars_for(scalars.lr, scalars.beta1, scalars.beta2, scalars.eps, 0.0f,
-                                    scalars.step, scalars.grad_scale);
+  const AdamScalars s = scalars_for(scalars);
   const std::size_t table_bytes = runs.runs.size() * sizeof(RangeRun);
   Buffer table = scratch(table_bytes);
   FASTLLM_CUDA_CHECK(cudaMemcpyAsync(table.data(), runs.runs.data(), table_bytes,

@@ -128,9 +128,6 @@ class CudaBackend final : public Backend {
                                       const std::vector<Tensor>& dweights,
                                       const std::vector<Tensor>& dbiases) override;
 
-  void adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr, float beta1,
-             float beta2, float eps, float weight_decay, std::int64_t step,
-             float grad_scale) override;
   void adamw_ranges(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, Tensor weights,
                     const std::vector<AdamWRange>& ranges, const AdamWStepScalars& scalars,
                     bool zero_grad) override;
@@ -186,6 +183,13 @@ class CudaBackend final : public Backend {
   // with its reason) when it has no algorithm for it.
   bool lt_matmul(GemmPlan& plan, float alpha, const Tensor& a, const Tensor& b, float beta,
                  const Tensor& c, const void* vector);
+  // c = op(a) op(b) + beta c with the epilogue over `vector` in one cuBLASLt matmul; false, counted
+  // and reported (epilogue_fallback), when it cannot run there and the caller runs the plain GEMM
+  // and the bias kernel. mixed_dtypes: why the operands' dtypes rule the epilogue out, or nullptr.
+  bool epilogue_gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                     const Tensor& a, const Tensor& b, float beta, const Tensor& c,
+                     cublasLtEpilogue_t epilogue, const void* vector, DType vector_dtype,
+                     const char* mixed_dtypes);
 
   DType compute_;
   int device_ = 0;

@@ -91,21 +91,28 @@ struct Graph {
 };
 
 // Logical [batch, heads, seq, dim] over fastllm's [batch, seq, heads, dim] storage.
-fe::graph::Tensor_attributes bshd(const char* name, Uid uid, std::int64_t batch, std::int64_t heads,
-                                  std::int64_t seq, std::int64_t dim) {
-  return fe::graph::Tensor_attributes()
-      .set_name(name)
-      .set_uid(uid)
+fe::graph::Tensor_attributes& bshd(fe::graph::Tensor_attributes& t, Uid uid, std::int64_t batch,
+                                   std::int64_t heads, std::int64_t seq, std::int64_t dim) {
+  return t.set_uid(uid)
       .set_dim({batch, heads, seq, dim})
       .set_stride({seq * heads * dim, dim, heads * dim, 1});
 }
 
-std::vector<std::int64_t> bshd_dims(std::int64_t batch, std::int64_t heads, std::int64_t seq,
-                                    std::int64_t dim) {
-  return {batch, heads, seq, dim};
+// A graph input in that layout.
+fe::graph::Tensor_attributes bshd_input(const char* name, Uid uid, std::int64_t batch,
+                                        std::int64_t heads, std::int64_t seq, std::int64_t dim) {
+  fe::graph::Tensor_attributes t;
+  bshd(t.set_name(name), uid, batch, heads, seq, dim);
+  return t;
 }
-std::vector<std::int64_t> bshd_strides(std::int64_t heads, std::int64_t seq, std::int64_t dim) {
-  return {seq * heads * dim, dim, heads * dim, 1};
+
+// The log-sum-exp statistics kept for backward: [batch, heads, seq, 1] in f32, lse's layout.
+fe::graph::Tensor_attributes& stats_layout(fe::graph::Tensor_attributes& t,
+                                           const AttentionShape& s) {
+  return t.set_uid(kStats)
+      .set_data_type(fe::DataType_t::FLOAT)
+      .set_dim({s.batch, s.heads, s.seq, 1})
+      .set_stride({s.heads * s.seq, s.seq, 1, 1});
 }
 
 // The mask both directions share: causal from the top-left corner, and the window's left bound.
@@ -131,57 +138,37 @@ std::shared_ptr<fe::graph::Graph> new_graph(const AttentionShape& s) {
 
 std::shared_ptr<fe::graph::Graph> forward_graph(const AttentionShape& s) {
   auto graph = new_graph(s);
-  auto q = graph->tensor(bshd("Q", kQ, s.batch, s.heads, s.seq, s.dim));
-  auto k = graph->tensor(bshd("K", kK, s.batch, s.kv_heads, s.seq, s.dim));
-  auto v = graph->tensor(bshd("V", kV, s.batch, s.kv_heads, s.seq, s.dim));
+  auto q = graph->tensor(bshd_input("Q", kQ, s.batch, s.heads, s.seq, s.dim));
+  auto k = graph->tensor(bshd_input("K", kK, s.batch, s.kv_heads, s.seq, s.dim));
+  auto v = graph->tensor(bshd_input("V", kV, s.batch, s.kv_heads, s.seq, s.dim));
   auto options = fe::graph::SDPA_attributes()
                      .set_name("sdpa_forward")
                      .set_generate_stats(true)
                      .set_attn_scale(softmax_scale(s));
   set_mask(options, s);
   auto [o, stats] = graph->sdpa(q, k, v, options);
-  o->set_output(true)
-      .set_uid(kO)
-      .set_dim(bshd_dims(s.batch, s.heads, s.seq, s.dim))
-      .set_stride(bshd_strides(s.heads, s.seq, s.dim));
-  stats->set_output(true)
-      .set_uid(kStats)
-      .set_data_type(fe::DataType_t::FLOAT)
-      .set_dim({s.batch, s.heads, s.seq, 1})
-      .set_stride({s.heads * s.seq, s.seq, 1, 1});
+  bshd(o->set_output(true), kO, s.batch, s.heads, s.seq, s.dim);
+  stats_layout(stats->set_output(true), s);
   return graph;
 }
 
 std::shared_ptr<fe::graph::Graph> backward_graph(const AttentionShape& s) {
   auto graph = new_graph(s);
-  auto q = graph->tensor(bshd("Q", kQ, s.batch, s.heads, s.seq, s.dim));
-  auto k = graph->tensor(bshd("K", kK, s.batch, s.kv_heads, s.seq, s.dim));
-  auto v = graph->tensor(bshd("V", kV, s.batch, s.kv_heads, s.seq, s.dim));
-  auto o = graph->tensor(bshd("O", kO, s.batch, s.heads, s.seq, s.dim));
-  auto d_o = graph->tensor(bshd("dO", kDO, s.batch, s.heads, s.seq, s.dim));
-  auto stats = graph->tensor(fe::graph::Tensor_attributes()
-                                 .set_name("Stats")
-                                 .set_uid(kStats)
-                                 .set_dim({s.batch, s.heads, s.seq, 1})
-                                 .set_stride({s.heads * s.seq, s.seq, 1, 1})
-                                 .set_data_type(fe::DataType_t::FLOAT));
+  auto q = graph->tensor(bshd_input("Q", kQ, s.batch, s.heads, s.seq, s.dim));
+  auto k = graph->tensor(bshd_input("K", kK, s.batch, s.kv_heads, s.seq, s.dim));
+  auto v = graph->tensor(bshd_input("V", kV, s.batch, s.kv_heads, s.seq, s.dim));
+  auto o = graph->tensor(bshd_input("O", kO, s.batch, s.heads, s.seq, s.dim));
+  auto d_o = graph->tensor(bshd_input("dO", kDO, s.batch, s.heads, s.seq, s.dim));
+  fe::graph::Tensor_attributes stats_input;
+  auto stats = graph->tensor(stats_layout(stats_input.set_name("Stats"), s));
   auto options = fe::graph::SDPA_backward_attributes()
                      .set_name("sdpa_backward")
                      .set_attn_scale(softmax_scale(s));
   set_mask(options, s);
   auto [dq, dk, dv] = graph->sdpa_backward(q, k, v, o, d_o, stats, options);
-  dq->set_output(true)
-      .set_uid(kDQ)
-      .set_dim(bshd_dims(s.batch, s.heads, s.seq, s.dim))
-      .set_stride(bshd_strides(s.heads, s.seq, s.dim));
-  dk->set_output(true)
-      .set_uid(kDK)
-      .set_dim(bshd_dims(s.batch, s.kv_heads, s.seq, s.dim))
-      .set_stride(bshd_strides(s.kv_heads, s.seq, s.dim));
-  dv->set_output(true)
-      .set_uid(kDV)
-      .set_dim(bshd_dims(s.batch, s.kv_heads, s.seq, s.dim))
-      .set_stride(bshd_strides(s.kv_heads, s.seq, s.dim));
+  bshd(dq->set_output(true), kDQ, s.batch, s.heads, s.seq, s.dim);
+  bshd(dk->set_output(true), kDK, s.batch, s.kv_heads, s.seq, s.dim);
+  bshd(dv->set_output(true), kDV, s.batch, s.kv_heads, s.seq, s.dim);
   return graph;
 }
 

@@ -285,6 +285,20 @@ bool CudaBackend::lt_matmul(GemmPlan& plan, float alpha, const Tensor& a, const 
   return false;
 }
 
+bool CudaBackend::epilogue_gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n,
+                                std::int64_t k, const Tensor& a, const Tensor& b, float beta,
+                                const Tensor& c, cublasLtEpilogue_t epilogue, const void* vector,
+                                DType vector_dtype, const char* mixed_dtypes) {
+  if (mixed_dtypes) {
+    epilogue_fallback(gemm_key(trans_a, trans_b, m, n, k, a, b, c, epilogue, vector), mixed_dtypes);
+    return false;
+  }
+  GemmPlan* plan = gemm_plan(trans_a, trans_b, m, n, k, a, b, c, epilogue, vector, vector_dtype);
+  if (lt_matmul(*plan, 1.0f, a, b, beta, c, vector)) return true;
+  epilogue_fallback(plan->key, plan->fallback_reason);
+  return false;
+}
+
 void CudaBackend::gemm_lt(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n,
                           std::int64_t k, float alpha, Tensor a, Tensor b, float beta, Tensor c) {
   GemmPlan* plan = gemm_plan(trans_a, trans_b, m, n, k, a, b, c);
@@ -400,18 +414,11 @@ void CudaBackend::linear_forward(Tensor x, Tensor weight, Tensor bias, Tensor y)
   require_numel(bias, out, "linear_forward", "bias");
   if (rows == 0 || out == 0) return;
   // in = 0 has no GEMM to fuse into: y is the bias on every row.
-  if (in > 0) {
-    if (x.dtype == weight.dtype && weight.dtype == y.dtype) {
-      GemmPlan* plan = gemm_plan(false, true, rows, out, in, x, weight, y, CUBLASLT_EPILOGUE_BIAS,
-                                 bias.data, bias.dtype);
-      if (lt_matmul(*plan, 1.0f, x, weight, 0.0f, y, bias.data)) return;
-      epilogue_fallback(plan->key, plan->fallback_reason);
-    } else {
-      epilogue_fallback(
-          gemm_key(false, true, rows, out, in, x, weight, y, CUBLASLT_EPILOGUE_BIAS, bias.data),
-          "x, weight and y are not all of one dtype");
-    }
-  }
+  const bool one_dtype = x.dtype == weight.dtype && weight.dtype == y.dtype;
+  if (in > 0 && epilogue_gemm(false, true, rows, out, in, x, weight, 0.0f, y,
+                              CUBLASLT_EPILOGUE_BIAS, bias.data, bias.dtype,
+                              one_dtype ? nullptr : "x, weight and y are not all of one dtype"))
+    return;
   gemm(false, true, rows, out, in, 1.0f, x, weight, 0.0f, y);
   add_bias(y.view({rows, out}), bias);
 }
@@ -440,18 +447,11 @@ void CudaBackend::linear_backward_weight(Tensor x, Tensor dy, Tensor dweight, Te
   if (in > 0) {
     Buffer sums_buffer = scratch(static_cast<std::size_t>(out) * sizeof(float));
     const Tensor sums = sums_buffer.tensor(DType::F32, {out});
-    if (dy.dtype == x.dtype) {
-      GemmPlan* plan = gemm_plan(true, false, out, in, rows, dy, x, dweight,
-                                 CUBLASLT_EPILOGUE_BGRADB, sums.data, DType::F32);
-      if (lt_matmul(*plan, 1.0f, dy, x, 1.0f, dweight, sums.data)) {
-        add(dbias, sums, 1.0f);
-        return;
-      }
-      epilogue_fallback(plan->key, plan->fallback_reason);
-    } else {
-      epilogue_fallback(
-          gemm_key(true, false, out, in, rows, dy, x, dweight, CUBLASLT_EPILOGUE_BGRADB, sums.data),
-          "x and dy are not of one dtype");
+    if (epilogue_gemm(true, false, out, in, rows, dy, x, 1.0f, dweight, CUBLASLT_EPILOGUE_BGRADB,
+                      sums.data, DType::F32,
+                      dy.dtype == x.dtype ? nullptr : "x and dy are not of one dtype")) {
+      add(dbias, sums, 1.0f);
+      return;
     }
     gemm(true, false, out, in, rows, 1.0f, dy, x, 1.0f, dweight);
   }

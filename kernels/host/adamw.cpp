@@ -67,20 +67,6 @@ void update(const AdamWStep& st, float* p, const float* g, float* m, float* v, s
 
 }  // namespace
 
-void HostBackend::adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr,
-                        float beta1, float beta2, float eps, float weight_decay, std::int64_t step,
-                        float grad_scale) {
-  const char* op = "adamw";
-  const std::int64_t n = param.numel();
-  for (const Tensor* t : {&param, &grad, &exp_avg, &exp_avg_sq}) {
-    host::require_dtype(*t, DType::F32, op, "a tensor");
-    host::require_numel(*t, n, op, "a tensor");
-  }
-  host::require(step >= 1, op, "step counts from 1");
-  update(make_step(lr, beta1, beta2, eps, weight_decay, step, grad_scale), param.as<float>(),
-         grad.as<float>(), exp_avg.as<float>(), exp_avg_sq.as<float>(), n);
-}
-
 void HostBackend::adamw_ranges(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq,
                                Tensor weights, const std::vector<AdamWRange>& ranges,
                                const AdamWStepScalars& s, bool zero_grad) {

@@ -97,9 +97,6 @@ class HostBackend final : public Backend {
                                       const std::vector<Tensor>& dweights,
                                       const std::vector<Tensor>& dbiases) override;
 
-  void adamw(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, float lr, float beta1,
-             float beta2, float eps, float weight_decay, std::int64_t step,
-             float grad_scale) override;
   void adamw_ranges(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, Tensor weights,
                     const std::vector<AdamWRange>& ranges, const AdamWStepScalars& scalars,
                     bool zero_grad) override;

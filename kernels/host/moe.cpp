@@ -220,8 +220,8 @@ void require_per_expert(const std::vector<Tensor>& list, std::size_t experts, co
 
 }  // namespace
 
-// One GEMM per expert on its rows, the same calls the per-expert loop made, so the numbers are
-// those of that loop bit for bit.
+// One linear layer per expert on its rows, the same calls the per-expert loop made, so the
+// numbers are those of that loop bit for bit.
 void HostBackend::grouped_linear_forward(Tensor x, const std::vector<Tensor>& weights,
                                          const std::vector<Tensor>& biases, Tensor offsets,
                                          Tensor y) {
@@ -229,13 +229,11 @@ void HostBackend::grouped_linear_forward(Tensor x, const std::vector<Tensor>& we
   const std::size_t experts = weights.size();
   const std::int32_t* at = grouped_offsets(offsets, experts, host::row_count(x), op);
   require_per_expert(biases, experts, op, "biases");
-  const std::int64_t n = weights[0].size(0), k = weights[0].size(1);
   for (std::size_t e = 0; e < experts; ++e) {
     const std::int64_t begin = at[e], count = at[e + 1] - at[e];
     if (count == 0) continue;
-    Tensor ye = y.rows(begin, count);
-    gemm(false, true, count, n, k, 1.0f, x.rows(begin, count), weights[e], 0.0f, ye);
-    if (!biases.empty() && !host::is_empty(biases[e])) add_bias(ye, biases[e]);
+    linear_forward(x.rows(begin, count), weights[e], biases.empty() ? Tensor() : biases[e],
+                   y.rows(begin, count));
   }
 }
 
@@ -260,13 +258,11 @@ void HostBackend::grouped_linear_backward_weight(Tensor x, Tensor dy, Tensor off
   const std::size_t experts = dweights.size();
   const std::int32_t* at = grouped_offsets(offsets, experts, host::row_count(dy), op);
   require_per_expert(dbiases, experts, op, "dbiases");
-  const std::int64_t n = dweights[0].size(0), k = dweights[0].size(1);
   for (std::size_t e = 0; e < experts; ++e) {
     const std::int64_t begin = at[e], count = at[e + 1] - at[e];
     if (count == 0) continue;
-    const Tensor dye = dy.rows(begin, count);
-    gemm(true, false, n, k, count, 1.0f, dye, x.rows(begin, count), 1.0f, dweights[e]);
-    if (!dbiases.empty() && !host::is_empty(dbiases[e])) bias_backward(dye, dbiases[e]);
+    linear_backward_weight(x.rows(begin, count), dy.rows(begin, count), dweights[e],
+                           dbiases.empty() ? Tensor() : dbiases[e]);
   }
 }
 

@@ -31,17 +31,6 @@ ordered_json piece_or_null(std::int32_t id, const std::string& piece) {
   return id < 0 ? ordered_json(nullptr) : ordered_json(piece);
 }
 
-// transformers' AddedToken as tokenizer_config.json and special_tokens_map.json spell it.
-ordered_json added_token(const std::string& content, bool with_special) {
-  ordered_json t = {{"content", content},
-                    {"lstrip", false},
-                    {"normalized", false},
-                    {"rstrip", false},
-                    {"single_word", false}};
-  if (with_special) t["special"] = true;
-  return t;
-}
-
 // Mistral-7B-v0.1's tokenizer configuration: BOS added, EOS not, the legacy SentencePiece
 // behaviour that spm_encode (and so `fastllm prepare`) has.
 ordered_json tokenizer_config(const SpecialTokens& s, std::int64_t max_length) {
@@ -70,9 +59,9 @@ ordered_json tokenizer_config(const SpecialTokens& s, std::int64_t max_length) {
 
 ordered_json special_tokens_map(const SpecialTokens& s) {
   ordered_json j;
-  if (s.bos_id >= 0) j["bos_token"] = added_token(s.bos, false);
-  j["eos_token"] = added_token(s.eos, false);
-  if (s.unk_id >= 0) j["unk_token"] = added_token(s.unk, false);
+  if (s.bos_id >= 0) j["bos_token"] = added_token(s.bos);
+  j["eos_token"] = added_token(s.eos);
+  if (s.unk_id >= 0) j["unk_token"] = added_token(s.unk);
   return j;
 }
 

@@ -87,13 +87,9 @@ ordered_json added_tokens(const TokenizerSpec& spec) {
   for (std::size_t id = 0; id < spec.pieces.size(); ++id) {
     const TokenizerPiece& p = spec.pieces[id];
     if (p.kind != Kind::Control && p.kind != Kind::Unknown && p.kind != Kind::UserDefined) continue;
-    tokens.push_back({{"id", id},
-                      {"content", p.piece},
-                      {"single_word", false},
-                      {"lstrip", false},
-                      {"rstrip", false},
-                      {"normalized", false},
-                      {"special", p.kind != Kind::UserDefined}});
+    ordered_json token = {{"id", id}};
+    token.update(added_token(p.piece, p.kind != Kind::UserDefined));
+    tokens.push_back(token);
   }
   return tokens;
 }
@@ -180,6 +176,16 @@ ordered_json unigram_model(const TokenizerSpec& spec, std::int32_t unk_id) {
 }
 
 }  // namespace
+
+ordered_json added_token(const std::string& content, std::optional<bool> special) {
+  ordered_json t = {{"content", content},
+                    {"lstrip", false},
+                    {"normalized", false},
+                    {"rstrip", false},
+                    {"single_word", false}};
+  if (special) t["special"] = *special;
+  return t;
+}
 
 ordered_json hf_tokenizer_json(const Tokenizer& tokenizer) {
   const TokenizerSpec spec = tokenizer.spec();

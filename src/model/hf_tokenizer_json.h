@@ -4,6 +4,8 @@
 // first, and without it transformers converts tokenizer.model itself, which for Mistral models
 // drops SentencePiece's dummy prefix ("The" instead of "\u2581The").
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
 
 #include "io/tokenizer.h"
 
@@ -16,5 +18,11 @@ namespace fastllm {
 // tokens. Throws UserError for what `tokenizers` cannot express as SentencePiece does (WORD and
 // CHAR models, whitespace as a suffix).
 nlohmann::ordered_json hf_tokenizer_json(const Tokenizer& tokenizer);
+
+// transformers' AddedToken as the tokenizer files spell it (tokenizer.json, tokenizer_config.json,
+// special_tokens_map.json): the text matched as it is, never stripped nor normalised; "special"
+// only where given.
+nlohmann::ordered_json added_token(const std::string& content,
+                                   std::optional<bool> special = std::nullopt);
 
 }  // namespace fastllm

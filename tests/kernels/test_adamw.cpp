@@ -124,7 +124,7 @@ TEST_P(AdamWTest, RangesFusedWithWeightsCopyAndGradientClearing) {
   }
 }
 
-// The fused pass rounds as adamw does: the same bits as one adamw call per range.
+// Ranges in one pass give the same bits as one call per range over its rows alone (adamw).
 TEST_P(AdamWTest, RangesMatchPerRangeCallsBitForBit) {
   const std::int64_t n = 50000;
   const std::vector<AdamWRange> ranges{{0, 30000, 0.1f}, {30000, 20000, 0.0f}};

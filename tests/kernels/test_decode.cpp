@@ -5,41 +5,27 @@
 #include <vector>
 
 #include "kernels/backends.h"
+#include "support/naive_rope.h"
 
 namespace fastllm::test {
 namespace {
 
-struct Shape {
-  std::int64_t batch, seq, heads, dim;
-  std::size_t numel() const { return static_cast<std::size_t>(batch * seq * heads * dim); }
-};
-
-// transformers' rotary embedding in double at positions offset + s, with its float32 inv_freq and
-// angle.
-std::vector<double> naive_rope_at(const std::vector<float>& x, Shape s, double theta,
+// rope at positions offset + s.
+std::vector<double> naive_rope_at(const std::vector<float>& x, RopeShape s, double theta,
                                   std::int64_t offset) {
-  std::vector<double> y(x.size());
-  const std::int64_t half = s.dim / 2;
+  std::vector<std::int32_t> positions;
   for (std::int64_t b = 0; b < s.batch; ++b)
     for (std::int64_t p = 0; p < s.seq; ++p)
-      for (std::int64_t h = 0; h < s.heads; ++h)
-        for (std::int64_t i = 0; i < half; ++i) {
-          const float exponent = static_cast<float>(2 * i) / static_cast<float>(s.dim);
-          const float inv_freq = 1.0f / std::pow(static_cast<float>(theta), exponent);
-          const double angle = static_cast<float>(offset + p) * inv_freq;
-          const std::size_t at = static_cast<std::size_t>(((b * s.seq + p) * s.heads + h) * s.dim);
-          const double x1 = x[at + i], x2 = x[at + i + half];
-          y[at + i] = x1 * std::cos(angle) - x2 * std::sin(angle);
-          y[at + i + half] = x2 * std::cos(angle) + x1 * std::sin(angle);
-        }
-  return y;
+      positions.push_back(static_cast<std::int32_t>(offset + p));
+  return naive_rope(x, s, theta, false, positions);
 }
 
 class RopeAt : public BackendTest {};
 
 TEST_P(RopeAt, MatchesTransformersFormulaAtAnOffset) {
   unsigned seed = 1;
-  for (const Shape s : {Shape{2, 5, 3, 16}, Shape{1, 1, 4, 128}, Shape{1, 3, 2, 8}}) {
+  for (const RopeShape s :
+       {RopeShape{2, 5, 3, 16}, RopeShape{1, 1, 4, 128}, RopeShape{1, 3, 2, 8}}) {
     for (std::int64_t offset : {0, 1, 17, 4093}) {
       SCOPED_TRACE(::testing::Message()
                    << "dim " << s.dim << " seq " << s.seq << " offset " << offset);
@@ -54,7 +40,7 @@ TEST_P(RopeAt, MatchesTransformersFormulaAtAnOffset) {
 // One position at a time rotates exactly as the whole sequence at once (the decoding steps
 // against the prefill and the training forward).
 TEST_P(RopeAt, EachPositionEqualsTheFullSequenceRope) {
-  const Shape whole{1, 40, 2, 16};
+  const RopeShape whole{1, 40, 2, 16};
   const auto x = random_vector(whole.numel(), 7);
   Tensor full = upload(x, {whole.batch, whole.seq, whole.heads, whole.dim});
   be().rope(full, 1e6, false);
